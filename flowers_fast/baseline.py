@@ -1,0 +1,47 @@
+"""The notebook's naive recipe, kept faithful on purpose: it is the baseline we measure against.
+
+``cv2.imread`` every file (BGR unless ``rgb``), ``cv2.resize`` to 224x224, one big NumPy
+array, the split by fancy indexing (copies), ``/255`` to float64, then ``model.fit`` on the
+arrays. Nothing else in the package imports these shortcuts.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .errors import DataError
+
+
+def load_images(files, image_size: int = 224, rgb: bool = False, progress: bool = True, strict: bool = False):
+    """Returns (uint8 array [n, size, size, 3], kept indices, skipped file paths)."""
+    images, kept, skipped = [], [], []
+    for i, path in enumerate(tqdm(files, desc="naive: cv2.imread", unit="img", disable=not progress,
+                                  leave=False)):
+        img = cv2.imread(str(path))  # BGR, like the notebook; None when OpenCV can't decode it
+        if img is None:
+            if strict:
+                raise DataError(f"{path}: cannot be decoded as an image; remove it or drop --strict to skip it")
+            skipped.append(str(path))
+            continue
+        if rgb:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        images.append(cv2.resize(img, (image_size, image_size)))
+        kept.append(i)
+    if not images:
+        raise DataError("no image in the dataset could be decoded; check --data-dir")
+    return np.array(images), np.array(kept), skipped
+
+
+def prepare(dataset, split, image_size: int = 224, rgb: bool = False, progress: bool = True, strict: bool = False):
+    """The notebook's arrays: (X_train_scaled, y_train, X_test_scaled, y_test, skipped)."""
+    X, kept, skipped = load_images(dataset.files, image_size, rgb, progress, strict)
+    y = np.array(dataset.labels)[kept]
+    position = {int(k): j for j, k in enumerate(kept)}  # dataset index -> row of X
+    train_rows = [position[i] for i in split.train_idx if i in position]
+    test_rows = [position[i] for i in split.test_idx if i in position]
+    X_train, X_test = X[train_rows], X[test_rows]
+    y_train, y_test = y[train_rows], y[test_rows]
+    # float64, as in the notebook: 8 bytes per channel value.
+    return X_train / 255, y_train, X_test / 255, y_test, skipped

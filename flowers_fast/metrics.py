@@ -1,0 +1,124 @@
+"""Measuring: epoch timing, throughput on in-memory tensors, memory, FLOPs and device peak."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import numpy as np
+
+from .tfkeras import keras, tf
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of each epoch; the first one includes tracing and compilation."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def steady(times: list[float]) -> dict:
+    """Median/min/max of epochs 2..N: warm-up (epoch 1) excluded. NaN when there is only one."""
+    rest = times[1:]
+    if not rest:
+        return {"steady_epoch_s": float("nan"), "steady_epoch_min_s": float("nan"),
+                "steady_epoch_max_s": float("nan")}
+    return {"steady_epoch_s": statistics.median(rest), "steady_epoch_min_s": min(rest),
+            "steady_epoch_max_s": max(rest)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_gpu_mb() -> float:
+    if not tf.config.list_physical_devices("GPU"):
+        return float("nan")
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def timed_rate(step, items_per_call: int, min_calls: int = 3, min_seconds: float = 2.0,
+               warmup: int = 1) -> tuple[float, float]:
+    """(items/s in steady state, warm-up seconds): ``step()`` is called ``warmup`` times untimed,
+    then until both ``min_calls`` and ``min_seconds`` are reached."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - t0
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        step()
+        calls += 1
+    return calls * items_per_call / (time.perf_counter() - start), warm
+
+
+def input_only_rate(dataset, batch_size: int) -> float:
+    """Images/s of iterating a dataset once with no model (call after the cache is filled)."""
+    n, start = 0, time.perf_counter()
+    for batch in dataset:
+        n += int(tf.shape(batch[0])[0])
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
+def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: int, input_dtype,
+                          min_seconds: float = 2.0) -> tuple[float, float]:
+    """Train-step images/s on one in-memory synthetic batch (no input pipeline), and warm-up s.
+
+    Like tf_cnn_benchmarks' synthetic mode: it isolates the model from the input. It updates
+    the weights, so call it after training and evaluation."""
+    rng = np.random.default_rng(0)
+    if input_dtype == tf.uint8:
+        x = tf.constant(rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8))
+    else:
+        x = tf.constant(rng.random((batch_size, image_size, image_size, 3), dtype=np.float32))
+    y = tf.constant(rng.integers(0, num_classes, batch_size), tf.int32)
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    train_function = model.make_train_function()
+    return timed_rate(lambda: train_function(iterator), batch_size, min_seconds=min_seconds)
+
+
+def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 2.0) -> tuple[float, float]:
+    """Forward images/s of ``fn`` on one in-memory float batch in [0, 1], and warm-up s."""
+    x = tf.constant(np.random.default_rng(0).random((batch_size, image_size, image_size, 3), dtype=np.float32))
+    return timed_rate(lambda: fn(x).numpy(), batch_size, min_seconds=min_seconds)
+
+
+def forward_flops_per_image(layer, image_size: int) -> float:
+    """FLOPs of one forward pass at batch 1, counted by TensorFlow's profiler from the graph
+    (functions inlined, variables frozen), not typed in."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    fn = tf.function(lambda x: layer(x, training=False))
+    concrete = fn.get_concrete_function(tf.TensorSpec([1, image_size, image_size, 3], tf.float32))
+    frozen = convert_variables_to_constants_v2(concrete)
+    opts = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
+    opts = opts.with_empty_output().build()
+    info = model_analyzer.profile(frozen.graph, options=opts)
+    return float(info.total_float_ops)
+
+
+def matmul_peak_flops(device: str, dtype: str, n: int = 4096, repeats: int = 3) -> float:
+    """Dense n x n matmul FLOP/s on ``device`` at ``dtype``, median of ``repeats`` after one warm-up."""
+    with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
+        a = tf.random.uniform([n, n], dtype=tf.float32)
+        b = tf.random.uniform([n, n], dtype=tf.float32)
+        a, b = tf.cast(a, dtype), tf.cast(b, dtype)
+        mm = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b)[0, :1], tf.float32)))
+        mm(a, b).numpy()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mm(a, b).numpy()
+            times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / statistics.median(times)

@@ -1,0 +1,69 @@
+"""TensorFlow process-global state, set once at process start.
+
+Visible devices, precision policy and XLA auto-clustering are global in TensorFlow and
+cannot be undone inside a process, so each benchmark configuration runs in its own
+subprocess and calls :func:`setup` first.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from .config import RunConfig
+from .errors import DeviceError
+
+
+def hide_gpus_early() -> None:
+    """Hide GPUs before TensorFlow is imported (cheapest, and nothing gets allocated)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    # Otherwise a CUDA build of TensorFlow logs a scary cuInit error on every CPU run.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+
+def setup(cfg: RunConfig) -> None:
+    """Apply the device choice; the precision is handled per model (see model.py)."""
+    if cfg.device == "cpu":
+        hide_gpus_early()
+    from .tfkeras import tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if cfg.device == "gpu":
+        if not gpus:
+            raise DeviceError("--device gpu: TensorFlow sees no GPU on this machine; use --device cpu")
+        for gpu in gpus:
+            # Grow on demand so peak GPU memory reflects what the run needs.
+            tf.config.experimental.set_memory_growth(gpu, True)
+    else:
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:
+            pass  # already initialised without GPUs
+    # XLA only where a configuration asks for it (jit_compile), never auto-clustered.
+    tf.config.optimizer.set_jit(False)
+
+
+def gpu_available() -> bool:
+    from .tfkeras import tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def device_name(device: str) -> str:
+    """CPU model or GPU name, for the report."""
+    if device == "gpu":
+        from .tfkeras import tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return details.get("device_name", gpus[0].name)
+        return "none"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
