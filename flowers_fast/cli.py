@@ -99,6 +99,9 @@ def cmd_train(args) -> int:
     _print_table(row)
     if args.save:
         result.model.save(args.save)
+        # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
+        (Path(args.save) / "classes.txt").write_text("\n".join(result.classes) + "\n")
+        (Path(args.save) / "run.json").write_text(cfg.to_json())
         print(f"saved model to {args.save}")
     return 0
 

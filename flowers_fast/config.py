@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 
-PIPELINES = ("naive", "tutorial", "tfdata", "featcache")
+PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "modelonly")
 DATASETS = ("synthetic", "flowers", "tfds")
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "mixed")
@@ -26,7 +26,7 @@ class RunConfig:
     """Everything that defines one run. Field names are CSV column names."""
 
     name: str = "tfdata"
-    pipeline: str = "tfdata"  # naive | tutorial | tfdata | featcache
+    pipeline: str = "tfdata"  # naive | tutorial | tfdata | featcache | modelonly (in-memory tensors, no data)
     device: str = "cpu"
     # data
     dataset: str = "synthetic"

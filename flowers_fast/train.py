@@ -7,7 +7,6 @@ compilation, cache fill) is reported on its own and excluded from steady-state f
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ class RunResult:
     classes: tuple = ()
     y_true: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     y_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
-    test_files: tuple = ()
+    test_files: tuple = ()  # aligned with y_true / y_pred
+    backbone: object = None
 
 
 class _Progress(keras.callbacks.Callback):
@@ -105,6 +105,8 @@ def _tfdata(cfg, split, global_batch, progress):
 def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = False) -> RunResult:
     """Train and evaluate ``cfg``; the process-global setup (runtime.setup) must be done first."""
     t_start = time.perf_counter()
+    if cfg.pipeline == "modelonly":
+        return _run_modelonly(cfg, cache, t_start)
     dataset = data.resolve(cfg, cache)
     split = data.split(dataset, cfg.test_fraction, cfg.seed)
     strategy = distribute.strategy(cfg)
@@ -128,7 +130,9 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     row["peak_gpu_mb"] = metrics.peak_gpu_mb()
     row["wall_s"] = time.perf_counter() - t_start
     result.classes = dataset.classes
-    if not keep_model:
+    if keep_model:
+        result.backbone = backbone
+    else:
         result.model = None
     return result
 
@@ -171,7 +175,7 @@ def _run_naive(cfg, dataset, split, backbone, strategy, global_batch, num_classe
     # The naive input path: decoding is the load above; an in-memory array feeds at memory speed.
     row["input_only_img_s"] = (len(X_train) + len(X_test)) / prep
     _breakdown(row, cfg, model, row["input_only_img_s"], tf.float32, num_classes, global_batch)
-    return RunResult(row, model, y_true=np.asarray(y_test), y_pred=y_pred, test_files=split.test_files)
+    return RunResult(row, model, y_true=np.asarray(y_test), y_pred=y_pred, test_files=_kept(split.test_files, skipped))
 
 
 def _run_tutorial(cfg, dataset, split, backbone, strategy, global_batch, num_classes, progress, row):
@@ -217,21 +221,47 @@ def _run_tfdata(cfg, dataset, split, backbone, strategy, global_batch, num_class
     y_pred = _predict(model, test_ds)
     input_rate = metrics.input_only_rate(train_ds, global_batch)
     _breakdown(row, cfg, model, input_rate, tf.uint8, num_classes, global_batch)
-    return RunResult(row, model, y_true=y_true, y_pred=y_pred)
+    return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=_kept(split.test_files, skipped))
 
 
-def extract_features(backbone, images_ds, image_size: int, jit: bool = False):
-    """One batched pass of uint8 images through the backbone -> (float32 features, labels)."""
-    # One signature with a free batch size: the last, smaller batch must not retrace the backbone.
+def _kept(files, skipped):
+    gone = set(skipped)
+    return tuple(f for f in files if f not in gone)
+
+
+def feature_function(backbone, image_size: int, jit: bool = False):
+    """uint8 images -> float32 features, traced once for any batch size."""
     @tf.function(jit_compile=jit, input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
     def features(images):
         return tf.cast(backbone.layer(tf.cast(images, tf.float32) / 255.0, training=False), tf.float32)
 
+    return features
+
+
+def extract_features(backbone, images_ds, image_size: int, jit: bool = False, fn=None):
+    """One batched pass of (uint8 image, label) batches through the backbone -> (features, labels)."""
+    fn = fn or feature_function(backbone, image_size, jit)
     feats, labels = [], []
     for images, y in images_ds:
-        feats.append(features(images).numpy())
+        feats.append(fn(images).numpy())
         labels.append(y.numpy())
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def _feature_pass(backbone, train_dec, test_dec, cfg, global_batch, row):
+    """The one-time feature pass, its first batch (tracing, XLA compile) timed on its own."""
+    fn = feature_function(backbone, cfg.image_size, cfg.xla_backbone)
+    start = time.perf_counter()
+    extract_features(backbone, pipeline.eval_dataset(train_dec.take(global_batch), cfg, global_batch), 0, fn=fn)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    f_train, y_train = extract_features(backbone, pipeline.eval_dataset(train_dec, cfg, global_batch), 0, fn=fn)
+    f_test, y_test = extract_features(backbone, pipeline.eval_dataset(test_dec, cfg, global_batch), 0, fn=fn)
+    seconds = time.perf_counter() - start
+    row.update(feature_pass_warmup_s=warm, feature_pass_s=seconds,
+               feature_pass_img_s=(len(f_train) + len(f_test)) / seconds,
+               feature_cache_mb=(f_train.nbytes + f_test.nbytes) / 2**20)
+    return f_train, y_train, f_test, y_test, warm + seconds
 
 
 def head_model(num_classes: int, feature_dim: int, cfg: RunConfig):
@@ -247,14 +277,8 @@ def _run_featcache(cfg, dataset, split, backbone, strategy, global_batch, num_cl
     train_dec, test_dec, n_train, n_test, prep, skipped = _tfdata(cfg, split, global_batch, progress)
     row.update(data_prep_s=prep, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
                skipped_list=";".join(skipped), channel_order="RGB")
-    start = time.perf_counter()
-    f_train, y_train = extract_features(backbone, pipeline.eval_dataset(train_dec, cfg, global_batch),
-                                        cfg.image_size, cfg.xla_backbone)
-    f_test, y_test = extract_features(backbone, pipeline.eval_dataset(test_dec, cfg, global_batch),
-                                      cfg.image_size, cfg.xla_backbone)
-    feature_pass = time.perf_counter() - start
-    row.update(feature_pass_s=feature_pass, feature_pass_img_s=(n_train + n_test) / feature_pass,
-               feature_cache_mb=(f_train.nbytes + f_test.nbytes) / 2**20)
+    f_train, y_train, f_test, y_test, feature_pass = _feature_pass(backbone, train_dec, test_dec, cfg, global_batch,
+                                                                   row)
     train_ds = tf.data.Dataset.from_tensor_slices((f_train, y_train)).shuffle(len(f_train), seed=cfg.seed)
     train_ds = train_ds.batch(global_batch).prefetch(pipeline.AUTOTUNE)
     test_ds = tf.data.Dataset.from_tensor_slices((f_test, y_test)).batch(global_batch)
@@ -277,4 +301,27 @@ def _run_featcache(cfg, dataset, split, backbone, strategy, global_batch, num_cl
                    model_only_img_s=rate, model_only_warmup_s=warm)
         row["e2e_fraction_of_model"] = row["feature_pass_img_s"] / rate
         row["bottleneck"] = "input-bound" if row["input_only_img_s"] < rate else "compute-bound"
-    return RunResult(row, model, y_true=y_test, y_pred=y_pred)
+    return RunResult(row, model, y_true=y_test, y_pred=y_pred, test_files=_kept(split.test_files, skipped))
+
+
+def _run_modelonly(cfg: RunConfig, cache: Path, t_start: float) -> RunResult:
+    """tf_cnn_benchmarks' synthetic mode: train steps on one in-memory batch, no dataset at all.
+
+    It isolates the model (and XLA's compile time) from the input, in a few steps instead of
+    epochs: on a CPU, XLA runs MobileNetV2 too slowly to train a whole set within a sweep."""
+    strategy = distribute.strategy(cfg)
+    global_batch = cfg.batch_size * strategy.num_replicas_in_sync
+    t0 = time.perf_counter()
+    with strategy.scope():
+        keras.utils.set_random_seed(cfg.seed)
+        backbone = models.build_backbone(cfg, cache)
+        model = models.build_classifier(backbone, 5, cfg, input_kind="uint8")
+        models.compile_classifier(model, cfg)
+    row = {"classes": 5, "replicas": strategy.num_replicas_in_sync, "global_batch": global_batch,
+           "handle": backbone.handle, "weights": backbone.weights, "compute_dtype": backbone.compute_dtype,
+           "feature_dim": backbone.feature_dim, "model_build_s": time.perf_counter() - t0, "dataset": "in-memory"}
+    rate, warm = metrics.model_only_train_rate(model, cfg.image_size, global_batch, 5, tf.uint8, min_seconds=5.0)
+    row.update(model_only_img_s=rate, model_only_warmup_s=warm, train_img_s=rate, end_to_end_img_s=rate,
+               bottleneck="compute-bound", peak_rss_mb=metrics.peak_rss_mb(), peak_gpu_mb=metrics.peak_gpu_mb(),
+               wall_s=time.perf_counter() - t_start)
+    return RunResult(row, model, backbone=backbone)

@@ -1,0 +1,77 @@
+"""Named benchmark configurations and presets.
+
+Each configuration is one value of ``RunConfig``; adding one is one line in CONFIGS.
+Sweep-wide settings (dataset, epochs, device, ...) are applied on top by ``bench run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowers_fast.config import RunConfig
+from flowers_fast.errors import UserError
+
+_ALL = [
+    RunConfig(name="naive", pipeline="naive"),  # the notebook: cv2 -> NumPy float64, BGR
+    RunConfig(name="naive-rgb", pipeline="naive", naive_rgb=True),  # the notebook with the channel fix
+    RunConfig(name="tutorial", pipeline="tutorial"),  # TF's tutorial: image_dataset_from_directory + cache
+    RunConfig(name="tfdata", pipeline="tfdata"),
+    RunConfig(name="tfdata-dct", pipeline="tfdata", dct_decode=True),
+    RunConfig(name="tfdata-mixed", pipeline="tfdata", precision="mixed"),
+    RunConfig(name="tfdata-xla", pipeline="tfdata", xla_step=True),
+    RunConfig(name="tfdata-mixed-xla", pipeline="tfdata", precision="mixed", xla_step=True),
+    RunConfig(name="featcache", pipeline="featcache"),
+    RunConfig(name="featcache-mixed", pipeline="featcache", precision="mixed"),
+    RunConfig(name="featcache-xla", pipeline="featcache", xla_backbone=True, xla_step=True),
+    # Model alone on in-memory tensors (tf_cnn_benchmarks' synthetic mode): a few steps, no data.
+    RunConfig(name="modelonly", pipeline="modelonly"),
+    RunConfig(name="modelonly-mixed", pipeline="modelonly", precision="mixed"),
+    RunConfig(name="modelonly-xla", pipeline="modelonly", xla_step=True),
+    RunConfig(name="modelonly-mixed-xla", pipeline="modelonly", precision="mixed", xla_step=True),
+]
+CONFIGS: dict[str, RunConfig] = {c.name: c for c in _ALL}
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    configs: tuple[str, ...]
+    overrides: dict
+    repeats: int = 1
+    timeout_s: int = 900  # per configuration subprocess
+
+
+PRESETS = {
+    "smoke": Preset("seconds per configuration, for CI: 40 synthetic images at 96 px, 2 epochs",
+                    ("naive", "tutorial", "tfdata", "featcache"),
+                    dict(dataset="synthetic", num_images=40, image_size=96, epochs=2), timeout_s=300),
+    # XLA on this kind of CPU runs MobileNetV2 at about 1 img/s (depthwise convolutions), so
+    # training a whole set under XLA would take the sweep past 15 minutes: the quick preset
+    # measures XLA on the model alone (modelonly-*); full and GPU runs train with it.
+    "quick": Preset("the default: 600 synthetic images with the real set's sizes, 224 px, 5 epochs like the "
+                    "notebook; XLA measured model-only; under 15 minutes on 2 CPU cores",
+                    ("naive", "naive-rgb", "tutorial", "tfdata", "tfdata-dct", "tfdata-mixed", "featcache",
+                     "featcache-mixed", "modelonly", "modelonly-mixed", "modelonly-xla", "modelonly-mixed-xla"),
+                    dict(dataset="synthetic", num_images=600, image_size=224, epochs=5), timeout_s=900),
+    "full": Preset("real flower_photos (3670 images) and the TF Hub model, every configuration, 3 repeats",
+                   tuple(CONFIGS), dict(dataset="flowers", image_size=224, epochs=5, model_handle="hub"),
+                   repeats=3, timeout_s=3600),
+}
+
+
+def select(names: str | None, preset: Preset) -> list[RunConfig]:
+    """Configurations named in ``--configs a,b`` (or the preset's), in the given order."""
+    if not names:
+        return [CONFIGS[n] for n in preset.configs]
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in CONFIGS]
+    if unknown:
+        raise UserError(f"--configs: unknown configuration {', '.join(unknown)}; "
+                        f"known: {', '.join(CONFIGS)} (see python -m bench list)")
+    return [CONFIGS[n] for n in chosen]
+
+
+def describe(cfg: RunConfig) -> str:
+    default = RunConfig()
+    changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if k != "name" and v != getattr(default, k)]
+    return ", ".join(changed) or "defaults"

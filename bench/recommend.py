@@ -1,0 +1,144 @@
+"""``python -m bench recommend``: pick the configuration to use on a device.
+
+Among the configurations that finished on that device (medians over ok repeats), keep those
+whose test accuracy is within ``--max-acc-drop`` percentage points of the most accurate one,
+then take the best by the objective: least total time, most training images/s, or least peak
+memory. Ties go to the other objectives in turn, then the name, and the reason says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+
+import pandas as pd
+
+from flowers_fast.errors import DataError, UserError
+
+from .report import DEFAULT_CSV, load, medians
+
+# objective -> (column, larger is better, words, unit)
+OBJECTIVES = {
+    "total-time": ("total_s", False, "total time", "s"),
+    "throughput": ("train_img_s", True, "training throughput", "img/s"),
+    "memory": ("peak_rss_mb", False, "peak memory", "MB"),
+}
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "s":
+        return f"{value:.3g} s" if value < 100 else f"{value:.0f} s"
+    return f"{value:.0f} {unit}"
+
+
+def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
+              objective: str = "total-time") -> tuple[pd.Series, str, str]:
+    """(medians row of the chosen configuration, why, the ``python -m bench run`` line that
+    reproduces it). ``df`` is a results table as from ``report.load``."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if max_acc_drop < 0 or math.isnan(max_acc_drop):
+        raise UserError(f"--max-acc-drop must be 0 or more percentage points, got {max_acc_drop}")
+    med = medians(df)
+    present = list(dict.fromkeys(med["device"])) if len(med) else []
+    if device not in present:
+        raise UserError(f"--device {device}: no results for this device in the CSV; devices present: "
+                        f"{', '.join(present) or 'none'}")
+    m = med[med["device"] == device]
+    done = m[(m["n_ok"] > 0) & m["acc_pct"].notna()]
+    if done.empty:
+        raise DataError(f"--device {device}: no configuration finished (status ok) on this device; "
+                        f"nothing to recommend")
+    column, larger, words, unit = OBJECTIVES[objective]
+    best_acc = done["acc_pct"].max()
+    top = done.loc[done["acc_pct"].idxmax(), "name"]
+    keep = done[done["acc_pct"] >= best_acc - max_acc_drop - 1e-9]
+    dropped = done[~done.index.isin(keep.index)]
+    scored = keep[keep[column].notna()]
+    if scored.empty:
+        raise DataError(f"--objective {objective}: no {column} values for the configurations on {device}")
+
+    order = [objective] + [o for o in OBJECTIVES if o != objective]
+    best_value = scored[column].max() if larger else scored[column].min()
+    tied = scored[[math.isclose(v, best_value, rel_tol=1e-9, abs_tol=1e-12) for v in scored[column]]]
+    ranked = tied.assign(**{f"_k{i}": (-tied[OBJECTIVES[o][0]] if OBJECTIVES[o][1] else tied[OBJECTIVES[o][0]])
+                            for i, o in enumerate(order)})
+    ranked = ranked.sort_values([f"_k{i}" for i in range(1, len(order))] + ["name"], na_position="last",
+                                kind="mergesort")
+    row = ranked.iloc[0].drop([c for c in ranked.columns if c.startswith("_k")])
+    name = row["name"]
+
+    reason = (f"{name} on {device}: {'highest' if larger else 'lowest'} {words} "
+              f"({_fmt(row[column], unit)}) among {len(keep)} of {len(done)} configurations within "
+              f"{max_acc_drop:g} accuracy points of the best ({top} {best_acc:.1f}%); its accuracy "
+              f"{row['acc_pct']:.1f}%")
+    if name != "naive" and "naive" in set(done["name"]):
+        naive = done[done["name"] == "naive"].iloc[0]
+        if naive["total_s"] > 0 and row["total_s"] > 0:
+            reason += f", {naive['total_s'] / row['total_s']:.1f}x faster than naive in total time"
+    reason += "."
+    if len(tied) > 1:
+        others = [o for o in order[1:]]
+        reason += (f" Tie on {words} between {', '.join(sorted(tied['name']))}; broken by "
+                   f"{', then '.join(OBJECTIVES[o][2] for o in others)}, then name.")
+    if len(dropped):
+        reason += " Excluded for accuracy: " + ", ".join(
+            f"{n} ({a:.1f}%)" for n, a in zip(dropped["name"], dropped["acc_pct"])) + "."
+    unscored = keep[keep[column].isna()]
+    if len(unscored):
+        reason += f" No {column} for: {', '.join(unscored['name'])}."
+    return row, reason, command_for(row, device)
+
+
+def command_for(row: pd.Series, device: str) -> str:
+    """The ``python -m bench run`` line that reruns configuration ``row`` on ``device``."""
+    parts = ["python", "-m", "bench", "run", "--device", device, "--configs", str(row["name"])]
+    preset = _value(row, "preset")
+    if preset:
+        parts += ["--preset", preset]
+    dataset = _value(row, "dataset")
+    if dataset:
+        parts += ["--dataset", dataset]
+    for flag, col in (("--epochs", "epochs"), ("--batch-size", "batch_size")):
+        value = _value(row, col)
+        if value:
+            parts += [flag, str(int(float(value)))]
+    if dataset == "synthetic":
+        value = _value(row, "num_images")
+        if value:
+            parts += ["--num-images", str(int(float(value)))]
+    for flag, col in (("--data-dir", "data_dir"), ("--model-handle", "model_handle")):
+        value = _value(row, col)
+        if value:
+            parts += [flag, value]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _value(row: pd.Series, col: str) -> str:
+    value = row.get(col, "")
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    return str(value).strip()
+
+
+def cmd_recommend(args) -> int:
+    df = load(args.csv or [DEFAULT_CSV])
+    row, reason, command = recommend(df, args.device, args.max_acc_drop, args.objective)
+    print(f"recommended: {row['name']}")
+    print(reason)
+    print(f"reproduce with:\n  {command}")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("recommend", help="pick the best configuration for a device from result CSVs",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "gpu"), required=True)
+    p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS",
+                   help="keep configurations within this many accuracy percentage points of the best")
+    p.add_argument("--objective", choices=tuple(OBJECTIVES), default="total-time",
+                   help="total-time: least total s; throughput: most train img/s; memory: least peak RSS MB")
+    p.add_argument("csv", nargs="*", metavar="CSV", default=[DEFAULT_CSV], help="result CSVs to read")
+    p.set_defaults(func=cmd_recommend)
+    return p

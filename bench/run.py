@@ -1,0 +1,283 @@
+"""``python -m bench run``: every configuration x device x repeat in its own subprocess,
+results appended to a CSV that is replaced atomically after each row.
+
+A crash or timeout in one configuration becomes a ``status=error``/``timeout`` row and the
+sweep goes on; Ctrl-C marks the running one ``interrupted`` and exits 130; a SIGKILL leaves
+only complete rows, and ``--resume`` runs what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from flowers_fast.config import RunConfig
+from flowers_fast.errors import INTERRUPTED_EXIT_CODE, DeviceError, OutputError, UserError
+
+from . import configs as configs_mod
+
+# Leading CSV columns; the rest follow in the order they first appear.
+LEADING = ["run_id", "preset", "name", "device", "repeat", "status", "error", "pipeline", "dataset", "weights",
+           "precision", "compute_dtype", "xla_step", "xla_backbone", "channel_order", "test_accuracy", "test_loss",
+           "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s", "steady_epoch_max_s",
+           "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s", "model_only_img_s",
+           "e2e_fraction_of_model", "bottleneck", "peak_rss_mb", "peak_gpu_mb"]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def available_gpus() -> int:
+    """GPUs TensorFlow sees, asked in a subprocess so this process never imports TensorFlow."""
+    code = "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'; import tensorflow as tf; " \
+           "print(len(tf.config.list_physical_devices('GPU')))"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        return int(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError, OSError, subprocess.SubprocessError):
+        return 0
+
+
+class ResultsFile:
+    """A CSV rewritten whole to a temporary file and renamed after each row: never half a row."""
+
+    def __init__(self, path: Path, latest: Path | None):
+        self.path, self.latest = path, latest
+        self.rows: list[dict] = []
+        if path.exists():
+            self.rows = pd.read_csv(path, keep_default_na=False).to_dict("records")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.flush()
+
+    def drop(self, keep) -> None:
+        self.rows = [r for r in self.rows if keep(r)]
+
+    def flush(self) -> None:
+        frame = pd.DataFrame(self.rows)
+        columns = [c for c in LEADING if c in frame.columns] + [c for c in frame.columns if c not in LEADING]
+        for target in [self.path] + ([self.latest] if self.latest else []):
+            _atomic_csv(frame[columns], target)
+
+
+def _atomic_csv(frame: pd.DataFrame, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            frame.to_csv(f, index=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{target}: cannot write results ({exc.strerror or exc}); free disk space or pass "
+                          "another --out") from None
+
+
+def new_run_path(out: Path) -> tuple[str, Path]:
+    """A fresh timestamped file name: a second run never overwrites the first."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_id, k = stamp, 1
+    while (out / f"run-{run_id}.csv").exists() or (out / f"run-{run_id}.json").exists():
+        k += 1
+        run_id = f"{stamp}-{k}"
+    return run_id, out / f"run-{run_id}.csv"
+
+
+def check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise OutputError(f"--out {out}: not writable ({exc.strerror or exc}); pass a folder you can write to") \
+            from None
+
+
+def _die_with_parent() -> None:
+    """In the worker: if the sweep is SIGKILLed, the kernel kills this worker too (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interactive: bool = False,
+            worker: str = "bench.worker") -> dict:
+    """One configuration in a subprocess; every way it can end becomes a row."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", worker, cfg.to_json(), str(out)]
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            # Its own session: a timeout kills the whole worker tree, not us. On a terminal its
+            # progress bars (stderr) show; otherwise everything goes to the log.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=None if interactive else log, env=env,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return {"status": "timeout", "error": f"no result within --timeout {timeout_s:.0f} s; killed",
+                        "subprocess_s": time.perf_counter() - start}
+            except KeyboardInterrupt:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+        elapsed = time.perf_counter() - start
+        if out.exists():
+            row = json.loads(out.read_text())
+            row["subprocess_s"] = elapsed
+            return row
+        if code < 0:
+            why = {signal.SIGKILL: "killed (out of memory?)", signal.SIGSEGV: "crashed (segfault)"}.get(
+                -code, f"killed by signal {-code}")
+        else:
+            why = f"exited {code} without a result"
+        return {"status": "error", "error": f"worker {why}; see {log_path}", "subprocess_s": elapsed}
+
+
+def plan(args) -> tuple[list[str], list[str]]:
+    """Devices to run and devices skipped (with why)."""
+    if args.device == "cpu":
+        return ["cpu"], []
+    gpus = available_gpus()
+    if args.device == "gpu":
+        if not gpus:
+            raise DeviceError("--device gpu: TensorFlow sees no GPU on this machine; use --device cpu or all")
+        return ["gpu"], []
+    return (["cpu", "gpu"], []) if gpus else (["cpu"], ["gpu (TensorFlow sees no GPU)"])
+
+
+def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
+    preset = configs_mod.PRESETS[args.preset]
+    overrides = dict(preset.overrides)
+    for flag in ("dataset", "data_dir", "model_handle", "epochs", "batch_size", "num_images", "strategy",
+                 "data_service", "seed"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[flag] = value
+    if overrides.get("data_dir") and not getattr(args, "dataset", None):
+        overrides["dataset"] = "flowers"
+    if overrides.get("model_handle", "random") != "random" and args.preset == "smoke":
+        overrides["image_size"] = 224  # a real Hub model has a fixed 224 input
+    chosen = configs_mod.select(args.configs, preset)
+    return preset, [c.replace(**overrides) for c in chosen]
+
+
+def execute(args) -> int:
+    out = Path(args.out)
+    check_out_dir(out)
+    if args.resume:
+        run_id, path, saved = _resume_target(out, args.resume)
+        for key, value in saved.items():
+            setattr(args, key, value)
+    else:
+        run_id, path = new_run_path(out)
+        (out / f"run-{run_id}.json").write_text(json.dumps(_sweep_args(args), indent=1))
+    preset, cfgs = sweep_configs(args)
+    devices, skipped = plan(args)
+    for s in skipped:
+        print(f"bench: skipping device {s}", file=sys.stderr)
+    repeats = args.repeats or preset.repeats
+    timeout_s = args.timeout or preset.timeout_s
+    results = ResultsFile(path, out / "latest.csv")
+    # Interrupted rows are re-run on resume; ok and error rows are results and stay.
+    results.drop(lambda r: r.get("status") != "interrupted")
+    done = {(r["name"], r["device"], int(r["repeat"])) for r in results.rows}
+    jobs = [(c.replace(device=d), k) for k in range(repeats) for d in devices for c in cfgs
+            if (c.name, d, k) not in done]
+    logs = out / "logs" / run_id
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    interactive = sys.stderr.isatty()
+    env.setdefault("FLOWERS_FAST_PROGRESS", "1" if interactive else "0")
+    figures = out / "figures" / run_id
+    common = dict(run_id=run_id, preset=args.preset, git_commit=git_commit(),
+                  python_version=platform.python_version(), host_cpu_count=os.cpu_count())
+    print(f"bench run {run_id}: {len(jobs)} runs ({len(done)} already done) on {', '.join(devices)}; "
+          f"preset {args.preset}; results -> {path}", file=sys.stderr)
+    bar = tqdm(jobs, desc="sweep", unit="run", disable=not interactive)
+    for cfg, k in bar:
+        bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
+        stem = f"{cfg.name}-{cfg.device}-r{k}"
+        job_env = dict(env, FLOWERS_FAST_FIGURES=str(figures / stem)) if args.figures else env
+        base = {**common, **cfg.to_dict(), "repeat": k,
+                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            row = run_one(cfg, timeout_s, logs / f"{stem}.log", job_env, interactive)
+        except KeyboardInterrupt:
+            results.add({**base, "status": "interrupted", "error": "Ctrl-C during this configuration"})
+            print(f"\nbench: interrupted; {len(results.rows)} rows kept in {path}; "
+                  f"continue with: python -m bench run --resume {path}", file=sys.stderr)
+            return INTERRUPTED_EXIT_CODE
+        results.add({**base, **row})
+        if not interactive:
+            print(f"bench: {stem}: {row.get('status')} {row.get('error', '') or ''}".rstrip(), file=sys.stderr)
+    bar.close()
+    print(summary_table(pd.DataFrame(results.rows)))
+    print(f"\nresults: {path} (also {out / 'latest.csv'})")
+    return 0 if all(r.get("status") == "ok" for r in results.rows) else 9
+
+
+def summary_table(df: pd.DataFrame) -> str:
+    """The screen table: one row per configuration and device, medians over repeats, speed-up vs naive."""
+    try:
+        from .report import render_console, summarise
+    except ImportError:
+        summarise = None
+    if summarise is not None:
+        try:
+            return render_console(summarise(df))
+        except Exception:  # the report is a nicety here; the CSV is the result
+            pass
+    cols = ["name", "device", "status", "test_accuracy", "data_prep_s", "steady_epoch_s", "total_s", "train_img_s",
+            "peak_rss_mb", "bottleneck"]
+    df = df[[c for c in cols if c in df.columns]].copy()
+    return df.to_string(index=False)
+
+
+SWEEP_KEYS = ("preset", "device", "dataset", "data_dir", "model_handle", "configs", "epochs", "batch_size",
+              "num_images", "repeats", "timeout", "strategy", "data_service", "seed", "figures")
+
+
+def _sweep_args(args) -> dict:
+    return {k: getattr(args, k, None) for k in SWEEP_KEYS}
+
+
+def _resume_target(out: Path, resume: str) -> tuple[str, Path, dict]:
+    """The run to continue: ``--resume`` alone means the newest run under --out."""
+    if resume == "latest":
+        runs = sorted(out.glob("run-*.json"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise UserError(f"--resume: no earlier run under {out}; start one with python -m bench run")
+        meta = runs[-1]
+    else:
+        meta = Path(resume).with_suffix(".json")
+        if not meta.exists():
+            raise UserError(f"--resume {resume}: no such run (expected {meta} beside the CSV)")
+    run_id = meta.stem[len("run-"):]
+    return run_id, meta.with_suffix(".csv"), json.loads(meta.read_text())

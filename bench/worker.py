@@ -1,0 +1,90 @@
+"""Run one configuration in this process and write its result row as JSON.
+
+``python -m bench.worker CONFIG_JSON OUT_JSON``: the sweep starts one of these per
+configuration x device x repeat, because precision policy, XLA and visible devices are
+process-global in TensorFlow, and so that peak memory is this configuration's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def _write(out: Path, row: dict) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, default=str))
+    os.replace(tmp, out)  # the sweep never reads half a result
+
+
+def hardware_row(cfg, backbone_layer, row: dict) -> dict:
+    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak."""
+    from flowers_fast import metrics
+
+    flops = metrics.forward_flops_per_image(backbone_layer, cfg.image_size)
+    dtype = "float32" if cfg.precision == "fp32" else cfg.mixed_dtype
+    peak = metrics.matmul_peak_flops(cfg.device, dtype)
+    # Frozen backbone: a train step costs about one forward; fine-tuning about three.
+    per_image = flops * (3.0 if cfg.fine_tune else 1.0)
+    out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype}
+    rate = row.get("model_only_img_s")
+    if rate:
+        out["model_flops_utilization"] = per_image * rate / peak
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    config_json, out = argv[0], Path(argv[1])
+    from flowers_fast.config import RunConfig
+
+    cfg = RunConfig.from_json(config_json)
+    from flowers_fast import runtime
+
+    try:
+        runtime.setup(cfg)
+        from flowers_fast import train
+        from flowers_fast.download import cache_dir
+        from flowers_fast.tfkeras import tf
+
+        progress = os.environ.get("FLOWERS_FAST_PROGRESS", "1") == "1"
+        result = train.run(cfg, cache_dir(), progress=progress, keep_model=cfg.breakdown)
+        row = dict(result.row)
+        if cfg.breakdown and result.backbone is not None:
+            row.update(hardware_row(cfg, result.backbone.layer, row))
+        row.update(status="ok", error="", device_name=runtime.device_name(cfg.device), tf_version=tf.__version__)
+        figures_dir = os.environ.get("FLOWERS_FAST_FIGURES")
+        if figures_dir:
+            _figures(result, Path(figures_dir))
+        _write(out, row)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # recorded as a result row, not a crash of the sweep
+        from flowers_fast.errors import UserError
+
+        if not isinstance(exc, UserError):
+            traceback.print_exc()
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _write(out, {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500]})
+        return getattr(exc, "exit_code", 1)
+
+
+def _figures(result, folder: Path) -> None:
+    try:
+        from flowers_fast import figures
+    except ImportError:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder.name
+    figures.confusion_matrix(result.y_true, result.y_pred, result.classes, folder, stem)
+    if result.test_files:
+        figures.prediction_grid(result.test_files, result.y_true, result.y_pred, result.classes,
+                                folder / f"{stem}-predictions.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

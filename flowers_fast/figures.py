@@ -1,0 +1,127 @@
+"""Figures for one trained configuration: a confusion matrix (CSV + PNG) and a grid of test
+images with their true and predicted classes. matplotlib's Agg canvas only: no display needed,
+no pyplot global state."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .errors import OutputError
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write figure ({exc.strerror or exc})") from None
+    return path
+
+
+def _name(classes: Sequence[str], k: int) -> str:
+    return str(classes[k]) if 0 <= k < len(classes) else f"class {k}"
+
+
+def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write ``{stem}-confusion.csv`` (rows true class, columns predicted, counts, every class
+    present even if never seen) and ``{stem}-confusion.png`` (heatmap with counts) into ``out_dir``."""
+    y_true = np.asarray(y_true).astype(int).ravel()
+    y_pred = np.asarray(y_pred).astype(int).ravel()
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has {y_true.size} labels, y_pred {y_pred.size}")
+    n = max(len(classes), int(max(y_true.max(initial=-1), y_pred.max(initial=-1))) + 1)
+    names = [_name(classes, k) for k in range(n)]
+    true = pd.Categorical([names[k] for k in y_true], categories=names)
+    pred = pd.Categorical([names[k] for k in y_pred], categories=names)
+    table = pd.crosstab(pd.Series(true, name="true"), pd.Series(pred, name="predicted"), dropna=False)
+    table = table.reindex(index=names, columns=names, fill_value=0)
+    out_dir = Path(out_dir)
+    csv_path = out_dir / f"{stem}-confusion.csv"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv_path)
+    except OSError as exc:
+        raise OutputError(f"{csv_path}: cannot write ({exc.strerror or exc})") from None
+
+    counts = table.to_numpy()
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    fig = Figure(figsize=(1.1 * n + 2.5, 1.0 * n + 2))
+    ax = fig.subplots()
+    im = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(im, ax=ax, label="images")
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(names, rotation=40, ha="right")
+    ax.set_yticks(range(n))
+    ax.set_yticklabels(names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = counts.max() / 2 if counts.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9,
+                    color="white" if counts[i, j] > threshold else "black")
+    ax.set_title(f"{stem}: confusion matrix ({counts.sum()} test images, accuracy {accuracy:.1%})", fontsize=10)
+    png_path = _save(fig, out_dir / f"{stem}-confusion.png")
+    return csv_path, png_path
+
+
+def _thumbnail(path, size: int = 160):
+    """The image at ``path`` as an RGB array no larger than ``size``, or None if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size))
+            return np.asarray(img)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def _pick(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> list[int]:
+    """Up to ``n`` indices in test order: mistakes first (up to half), the rest correct ones."""
+    wrong = [i for i in range(len(y_true)) if y_true[i] != y_pred[i]]
+    right = [i for i in range(len(y_true)) if y_true[i] == y_pred[i]]
+    chosen = wrong[: n // 2]
+    chosen += right[: n - len(chosen)]
+    chosen += wrong[len(wrong[: n // 2]): len(wrong[: n // 2]) + n - len(chosen)]
+    return sorted(chosen)
+
+
+def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequence[str], out_path: str | Path,
+                    n: int = 16) -> Path:
+    """A grid of up to ``n`` test images titled "true / predicted", wrong predictions in red.
+    Shows mistakes (up to half the grid) alongside correct ones, in test-set order."""
+    y_true = np.asarray(y_true).astype(int).ravel()
+    y_pred = np.asarray(y_pred).astype(int).ravel()
+    count = min(len(files), len(y_true), len(y_pred))
+    if len(files) != len(y_true) or len(y_true) != len(y_pred):
+        raise ValueError(f"prediction_grid: {len(files)} files, {len(y_true)} labels, {len(y_pred)} predictions")
+    chosen = _pick(y_true[:count], y_pred[:count], max(n, 0))
+    cols = max(1, min(4, len(chosen)))
+    rows = max(1, math.ceil(len(chosen) / cols))
+    fig = Figure(figsize=(3.0 * cols, 3.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, i in zip(axes, chosen):
+        image = _thumbnail(files[i])
+        if image is None:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.imshow(image)
+        wrong = y_true[i] != y_pred[i]
+        ax.set_title(f"{_name(classes, y_true[i])} / {_name(classes, y_pred[i])}", fontsize=9,
+                     color="red" if wrong else "black", fontweight="bold" if wrong else "normal")
+    shown_wrong = sum(int(y_true[i] != y_pred[i]) for i in chosen)
+    fig.suptitle(f"true / predicted ({len(chosen)} of {count} test images, {shown_wrong} wrong shown in red)",
+                 fontsize=10)
+    return _save(fig, Path(out_path))

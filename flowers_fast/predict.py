@@ -1,0 +1,240 @@
+"""``python -m flowers_fast predict IMAGE...``: top-k classes for images.
+
+Without ``--checkpoint``: a TF Hub ImageNet classifier (default mobilenet_v2/classification/4;
+``random`` = the built-in offline random one, exported on first use) through ``hub.KerasLayer``;
+labels from the packaged ``imagenet_labels.txt`` (1001 lines, index 0 "background").
+
+With ``--checkpoint PATH``: a model saved by ``python -m flowers_fast train --save PATH``; class
+names from ``classes.txt`` inside (or beside) the checkpoint, else the five flower_photos names;
+a ``run.json`` there (RunConfig.to_json) saying naive without --rgb makes the input BGR like training.
+
+TensorFlow is imported only when the command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .cli import positive_int
+from .config import HUB_CLASSIFIER, RANDOM_HANDLE
+from .errors import DataError, ModelError, OfflineError
+
+HUB_SIZE = 224
+DEFAULT_CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+ALIASES = {"hub": HUB_CLASSIFIER, "hub-classifier": HUB_CLASSIFIER}
+
+
+def imagenet_labels() -> list[str]:
+    """The 1001 ImageNet labels of the Hub classifiers (index 0: background)."""
+    text = resources.files("flowers_fast").joinpath("imagenet_labels.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("predict", help="top-k classes for images: ImageNet (Hub classifier) or a trained "
+                                              "flowers checkpoint")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, BMP, GIF)")
+    p.add_argument("--model-handle", default=HUB_CLASSIFIER, metavar="URL|PATH",
+                   help="TF Hub classification model URL ('hub' = mobilenet_v2/classification/4, the default), "
+                        "a local Hub SavedModel folder, or 'random' (built-in offline random classifier)")
+    p.add_argument("--checkpoint", metavar="PATH", help="a model saved by `python -m flowers_fast train --save "
+                                                        "PATH`; predicts flower classes instead of ImageNet")
+    p.add_argument("--top", type=positive_int, default=5, help="how many classes to print per image (default 5)")
+    p.add_argument("--cache-dir", metavar="PATH", help="where 'random' is exported and Hub downloads are kept "
+                                                       "(env FLOWERS_FAST_CACHE; default ~/.cache/flowers_fast)")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+# --- images ---------------------------------------------------------------------------------
+
+def check_images(paths) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p}: no such image file")
+        if not p.is_file():
+            raise DataError(f"{p}: not a file (a folder?); pass image files")
+        out.append(p)
+    return out
+
+
+def read_image(path: Path, size: int | None = None):
+    """uint8 RGB [H, W, 3] decoded like the tf.data pipeline, or resized (``resize``) when ``size``."""
+    from .tfkeras import tf
+
+    try:
+        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    except (tf.errors.OpError, ValueError) as exc:
+        why = re.sub(r"\{\{.*?\}\}|\s*\[Op:.*", "", getattr(exc, "message", "") or str(exc)).strip().splitlines()
+        raise DataError(f"{path}: cannot be decoded as an image ({why[0][:120] if why else type(exc).__name__})") \
+            from None
+    return image if size is None else resize(image, size)
+
+
+def resize(image, size: int):
+    """float32 [size, size, 3] in 0..255: bilinear without antialias, as flowers_fast.pipeline does."""
+    from .tfkeras import tf
+
+    image = tf.image.resize(image, [size, size], method="bilinear", antialias=False)
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+def resolve_classifier(handle: str, cache: Path) -> tuple[str, str]:
+    """(loadable handle, weights kind) for the ImageNet classifier; 'random' exports on first use."""
+    handle = ALIASES.get(handle, handle)
+    if handle == RANDOM_HANDLE:
+        from . import hubexport_classifier as hc
+
+        path = hc.default_path(cache)
+        if not (path / "saved_model.pb").exists():
+            print(f"exporting the offline random classifier to {path} (first use only) ...", file=sys.stderr)
+        return str(hc.export_random_classifier(path)), "random"
+    if re.match(r"^https?://", handle):
+        os.environ.setdefault("TFHUB_CACHE_DIR", str(Path(cache) / "hub"))
+        return handle, "pretrained"
+    path = Path(handle).expanduser()
+    if not path.exists():
+        raise ModelError(f"--model-handle {handle}: no such file or folder; pass a Hub classification URL, a local "
+                         "SavedModel folder, or 'random'")
+    if not (path / "saved_model.pb").exists():
+        raise ModelError(f"--model-handle {handle}: not a SavedModel (no saved_model.pb inside)")
+    return str(path), "random" if (path / "flowers_fast_weights.txt").exists() else "pretrained"
+
+
+def load_hub_classifier(handle: str):
+    """hub.KerasLayer for ``handle`` after checking it outputs ImageNet logits; (layer, labels)."""
+    from .tfkeras import hub, tf
+
+    try:
+        layer = hub.KerasLayer(handle, name="classifier")
+    except Exception as exc:
+        if re.match(r"^https?://", handle):
+            raise OfflineError(f"--model-handle {handle}: could not download ({type(exc).__name__}); offline, pass "
+                               "--model-handle PATH (an extracted Hub classification SavedModel) or "
+                               "--model-handle random") from None
+        raise ModelError(f"--model-handle {handle}: could not load as a Hub model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    try:
+        out = layer(tf.zeros([1, HUB_SIZE, HUB_SIZE, 3], tf.float32))
+    except Exception as exc:
+        raise ModelError(f"--model-handle {handle}: does not take [batch, {HUB_SIZE}, {HUB_SIZE}, 3] images "
+                         f"({type(exc).__name__})") from None
+    labels = imagenet_labels()
+    n = int(out.shape[-1]) if len(out.shape) == 2 else -1
+    if n == len(labels):
+        return layer, labels
+    if n == len(labels) - 1:  # a 1000-class model without the background class
+        return layer, labels[1:]
+    raise ModelError(f"--model-handle {handle}: outputs shape {tuple(out.shape)}, expected [batch, {len(labels)}] "
+                     "ImageNet logits; pass a classification model (not a feature_vector one), or use "
+                     "--checkpoint for a trained flowers model")
+
+
+def checkpoint_classes(path: Path, n: int) -> list[str]:
+    for candidate in (path / "classes.txt", path.parent / "classes.txt"):
+        if candidate.is_file():
+            names = [line.strip() for line in candidate.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if len(names) != n:
+                raise ModelError(f"{candidate}: {len(names)} class names but the model has {n} outputs")
+            return names
+    if n == len(DEFAULT_CLASSES):
+        return list(DEFAULT_CLASSES)
+    return [f"class {k}" for k in range(n)]
+
+
+def checkpoint_bgr(path: Path) -> bool:
+    """Whether the checkpoint was trained on BGR images (the naive pipeline without --rgb), as
+    recorded in ``run.json`` (RunConfig.to_json) inside or beside it; False when unrecorded."""
+    import json
+
+    for candidate in (path / "run.json", path.parent / "run.json"):
+        if candidate.is_file():
+            try:
+                cfg = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"{candidate}: not a readable run configuration ({exc})") from None
+            return cfg.get("pipeline") == "naive" and not cfg.get("naive_rgb", False)
+    return False
+
+
+def load_checkpoint(path: str | Path):
+    """(model, image size, input kind, class names) for a ``train --save`` SavedModel. Input kind:
+    ``uint8`` (tfdata), ``float255`` (tutorial: the model scales) or ``unit`` (naive: [0, 1]);
+    ``unit-bgr`` when ``run.json`` says it is a naive model trained on BGR."""
+    from .tfkeras import hub, keras
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"--checkpoint {path}: no such file or folder; save one with "
+                         "`python -m flowers_fast train --save PATH`")
+    try:
+        model = keras.models.load_model(str(path), custom_objects={"KerasLayer": hub.KerasLayer}, compile=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise ModelError(f"--checkpoint {path}: cannot load as a saved flowers_fast model "
+                         f"({type(exc).__name__}: {first})") from None
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
+        raise ModelError(f"--checkpoint {path}: takes input {shape}, not images [batch, S, S, 3] (a featcache "
+                         "checkpoint holds only the head; save a tfdata model to predict from images)")
+    dtype = model.inputs[0].dtype
+    if dtype.name == "uint8":
+        kind = "uint8"
+    else:
+        kind = "float255" if any(layer.name == "scale" for layer in model.layers) else "unit"
+        if kind == "unit" and checkpoint_bgr(path):
+            kind = "unit-bgr"
+    n = int(model.output_shape[-1])
+    return model, int(shape[1]), kind, checkpoint_classes(path, n)
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def top_k(probs, k: int) -> list[tuple[int, float]]:
+    import numpy as np
+
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(int(i), float(probs[i])) for i in order]
+
+
+def cmd_predict(args) -> int:
+    from .download import cache_dir
+
+    images = check_images(args.images)
+    from .tfkeras import tf
+
+    # Decode first: a bad image fails in seconds, before any model is loaded.
+    raw = [read_image(p, None) for p in images]
+    if args.checkpoint:
+        model, size, kind, labels = load_checkpoint(args.checkpoint)
+        print(f"predict: checkpoint {args.checkpoint} ({len(labels)} classes: {', '.join(labels)}); "
+              f"top {min(args.top, len(labels))} with softmax probabilities")
+    else:
+        handle, weights = resolve_classifier(args.model_handle, cache_dir(args.cache_dir))
+        model, labels = load_hub_classifier(handle)
+        size, kind = HUB_SIZE, "unit"
+        print(f"predict: {handle} (weights {weights}), {len(labels)} ImageNet classes; "
+              f"top {min(args.top, len(labels))} with softmax probabilities")
+    batch = tf.stack([resize(image, size) for image in raw])
+    if kind == "uint8":
+        batch = tf.cast(tf.round(batch), tf.uint8)
+    elif kind == "unit":
+        batch = batch / 255.0
+    elif kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
+        batch = tf.reverse(batch, axis=[-1]) / 255.0
+    logits = model(batch, training=False)
+    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+    k = min(args.top, len(labels))
+    for path, p in zip(images, probs):
+        print(path)
+        for index, prob in top_k(p, k):
+            print(f"  {prob:.4g}  {labels[index]}")
+    return 0

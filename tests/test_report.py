@@ -1,0 +1,232 @@
+"""bench report / recommend / plots on small hand-made result CSVs (no TensorFlow needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from bench import cli as bench_cli
+from bench.plots import write_plots
+from bench.recommend import recommend
+from bench.report import load, medians, render_console, render_markdown, summarise
+from flowers_fast.errors import DataError, UserError
+
+COLUMNS = ("run_id preset name pipeline device device_name dataset weights precision compute_dtype xla_step "
+           "xla_backbone naive_rgb channel_order epochs batch_size num_images image_size train_images test_images "
+           "strategy replicas repeat status error test_accuracy test_loss data_prep_s first_epoch_s steady_epoch_s "
+           "steady_epoch_min_s steady_epoch_max_s total_s train_img_s end_to_end_img_s eval_img_s input_only_img_s "
+           "model_only_img_s e2e_fraction_of_model bottleneck peak_rss_mb peak_gpu_mb feature_pass_s tf_version "
+           "python_version git_commit timestamp model_handle data_dir seed learning_rate").split()
+
+PIPELINE = {"naive": "naive", "naive-rgb": "naive", "tfdata": "tfdata", "tfdata-xla": "tfdata",
+            "tfdata-mixed": "tfdata", "tfdata-dct": "tfdata", "featcache": "featcache"}
+
+
+def row(name, device, acc, total, train, rss, repeat=0, status="ok", steady=None):
+    """One CSV row; status != ok rows have empty metrics."""
+    r = dict.fromkeys(COLUMNS, "")
+    r.update(run_id=f"run-{device}", preset="quick", name=name, pipeline=PIPELINE[name], device=device,
+             device_name="Test CPU" if device == "cpu" else "Test GPU H0", dataset="synthetic", weights="random",
+             precision="mixed" if "mixed" in name else "fp32", xla_step="xla" in name, xla_backbone=False,
+             naive_rgb=name == "naive-rgb", channel_order="BGR" if name == "naive" else "RGB", epochs=5,
+             batch_size=32, num_images=600, image_size=224, strategy="default", replicas=1, repeat=repeat,
+             status=status, tf_version="2.99.0", python_version="3.12.0", git_commit="abc123",
+             timestamp=f"2025-01-01T00:00:{repeat:02d}", model_handle="random", seed=0, learning_rate=0.001)
+    if status != "ok":
+        r["error"] = "RuntimeError: boom"
+        return r
+    steady = total / 6 if steady is None else steady
+    r.update(test_accuracy=acc, test_loss=0.5, data_prep_s=total / 10, first_epoch_s=steady * 2,
+             steady_epoch_s=steady, steady_epoch_min_s=steady * 0.9, steady_epoch_max_s=steady * 1.1,
+             total_s=total, train_img_s=train, end_to_end_img_s=train * 0.8, eval_img_s=train * 2,
+             input_only_img_s=train * 10, model_only_img_s=train * 1.1, e2e_fraction_of_model=0.8 / 1.1,
+             bottleneck="compute-bound", peak_rss_mb=rss, train_images=450, test_images=150,
+             feature_pass_s=3.0 if name.startswith("featcache") else "")
+    return r
+
+
+CPU_ROWS = [
+    row("naive", "cpu", 0.80, 100, 30, 3000, repeat=0),
+    row("naive", "cpu", 0.82, 110, 28, 3100, repeat=1),
+    row("naive-rgb", "cpu", 0.85, 98, 31, 3000),
+    row("tfdata", "cpu", 0.90, 50, 200, 2000),
+    row("tfdata-xla", "cpu", 0.905, 40, 150, 1700),
+    row("tfdata-mixed", "cpu", 0.90, 40, 160, 1800),  # ties tfdata-xla on total time
+    row("featcache", "cpu", 0.88, 20, 500, 1500),  # fastest, but 2.5 points below the best
+    row("tfdata-dct", "cpu", None, None, None, None, status="error"),
+]
+GPU_ROWS = [
+    row("naive", "gpu", 0.81, 28, 100, 4000, repeat=0),
+    row("naive", "gpu", 0.81, 32, 100, 4000, repeat=1),
+    row("tfdata", "gpu", 0.90, 10, 900, 3000, repeat=0),
+    row("tfdata", "gpu", 0.91, 12, 800, 3000, repeat=1),
+    row("tfdata", "gpu", 0.92, 14, 700, 3000, repeat=2),
+]
+
+
+def write_csv(path, rows):
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def csvs(tmp_path):
+    cpu = write_csv(tmp_path / "cpu.csv", CPU_ROWS)
+    # The GPU file also repeats one CPU row (a resumed run copied over): dropped as a duplicate.
+    gpu_dir = tmp_path / "gpu"
+    gpu_dir.mkdir()
+    gpu = write_csv(gpu_dir / "gpu.csv", GPU_ROWS + [CPU_ROWS[3]])
+    return cpu, gpu
+
+
+@pytest.fixture
+def df(csvs):
+    return load(list(csvs))
+
+
+# --- recommend ------------------------------------------------------------------------------
+
+def test_tie_on_total_time_is_broken_deterministically(df):
+    row, reason, command = recommend(df, "cpu", max_acc_drop=1.0, objective="total-time")
+    # tfdata-xla and tfdata-mixed both take 40 s; throughput breaks the tie (160 > 150 img/s).
+    assert row["name"] == "tfdata-mixed"
+    assert "tie" in reason.lower()
+    assert "tfdata-mixed" in reason and "tfdata-xla" in reason
+    # The shuffled input gives the same answer.
+    again = recommend(df.sample(frac=1.0, random_state=3), "cpu", 1.0, "total-time")
+    assert again[0]["name"] == "tfdata-mixed" and again[1] == reason
+    assert command == ("python -m bench run --device cpu --configs tfdata-mixed --preset quick --dataset synthetic "
+                       "--epochs 5 --batch-size 32 --num-images 600 --model-handle random")
+
+
+def test_accuracy_filter_excludes_the_fastest(df):
+    row, reason, _ = recommend(df, "cpu", max_acc_drop=1.0)
+    assert row["name"] != "featcache"  # 88.0% vs best 90.5%: more than 1 point below
+    assert "featcache (88.0%)" in reason
+    # Allow a 3-point drop and the fastest configuration wins, without a tie.
+    row, reason, _ = recommend(df, "cpu", max_acc_drop=3.0)
+    assert row["name"] == "featcache"
+    assert "tie" not in reason.lower()
+
+
+def test_objectives_throughput_and_memory(df):
+    row, reason, _ = recommend(df, "cpu", objective="throughput")
+    assert row["name"] == "tfdata"  # 200 img/s, the most among those within 1 point
+    assert "throughput" in reason
+    row, reason, _ = recommend(df, "cpu", objective="memory")
+    assert row["name"] == "tfdata-xla"  # 1700 MB
+    assert "memory" in reason
+
+
+def test_gpu_uses_medians_over_repeats(df):
+    row, _, command = recommend(df, "gpu")
+    assert row["name"] == "tfdata"
+    assert row["total_s"] == 12 and row["acc_pct"] == pytest.approx(91.0)
+    assert "--device gpu --configs tfdata" in command
+
+
+def test_missing_device_lists_devices_present(csvs):
+    only_cpu = load(csvs[0])
+    with pytest.raises(UserError) as err:
+        recommend(only_cpu, "gpu")
+    assert "gpu" in str(err.value) and "devices present: cpu" in str(err.value)
+
+
+def test_recommend_cli(csvs, capsys):
+    assert bench_cli.main(["recommend", "--device", "cpu", "--objective", "memory", str(csvs[0])]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: tfdata-xla" in out and "python -m bench run --device cpu --configs tfdata-xla" in out
+    code = bench_cli.main(["recommend", "--device", "gpu", str(csvs[0])])
+    assert code == UserError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "devices present: cpu" in err[0]
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def test_merge_gives_one_table_per_device(csvs, df):
+    assert len(df) == len(CPU_ROWS) + len(GPU_ROWS)  # the duplicated CPU row was dropped
+    tables = summarise(df)
+    assert list(tables) == ["cpu", "gpu"]
+    cpu, gpu = tables["cpu"], tables["gpu"]
+    assert list(cpu.index) == ["naive", "naive-rgb", "tfdata", "tfdata-dct", "tfdata-mixed", "tfdata-xla",
+                               "featcache"]
+    assert list(gpu.index) == ["naive", "tfdata"]
+    for device, table in tables.items():
+        header = table.attrs["header"]
+        for part in (f"device {device}", "synthetic", "weights random", "TF 2.99.0", "img/s", "MB"):
+            assert part in header
+    assert "Test GPU H0" in gpu.attrs["header"]
+    assert cpu.loc["tfdata-dct", "errors"] == 1 and cpu.loc["tfdata-dct", "ok"] == 0
+    assert math.isnan(cpu.loc["tfdata-dct", "total s"])
+    assert cpu.loc["naive", "ok"] == 2 and cpu.loc["naive", "channels"] == "BGR"
+    assert gpu.loc["tfdata", "acc min–max"] == "90.0–92.0"
+
+
+def test_speedup_vs_naive(df):
+    tables = summarise(df)
+    cpu, gpu = tables["cpu"], tables["gpu"]
+    assert cpu.loc["naive", "total s"] == 105  # median of 100 and 110
+    assert cpu.loc["tfdata", "speed-up vs naive"] == pytest.approx(105 / 50)
+    assert cpu.loc["featcache", "speed-up vs naive"] == pytest.approx(105 / 20)
+    assert cpu.loc["naive", "speed-up vs naive"] == pytest.approx(1.0)
+    assert gpu.loc["tfdata", "speed-up vs naive"] == pytest.approx(30 / 12)  # medians, same device
+    # No naive row on a device: blank.
+    no_naive = summarise(df[df["name"] != "naive"])
+    assert no_naive["gpu"]["speed-up vs naive"].isna().all()
+
+
+def test_rgb_gain_line(df):
+    tables = summarise(df)
+    notes = "\n".join(tables["cpu"].attrs["notes"])
+    assert "RGB fix" in notes and "+4.0 percentage points" in notes  # 85.0% vs median 81.0%
+    assert "RGB fix" not in "\n".join(tables["gpu"].attrs["notes"])  # no naive-rgb on the GPU
+    text = render_console(tables)
+    assert "RGB fix" in text and "tfdata-mixed" in text
+    md = render_markdown(tables)
+    assert "| config |" in md and "|---|" in md.replace("---:", "---") and "## gpu" in md
+
+
+def test_medians_keep_settings(df):
+    med = medians(df).set_index(["device", "name"])
+    assert med.loc[("cpu", "naive"), "acc_pct"] == pytest.approx(81.0)
+    assert med.loc[("gpu", "tfdata"), "n_ok"] == 3
+
+
+def test_bad_input_names_the_file(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match="nope.csv"):
+        load(missing)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"wrong.csv.*missing columns"):
+        load(wrong)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.csv"):
+        load(empty)
+
+
+def test_report_cli_markdown_and_plots(csvs, tmp_path, capsys):
+    md = tmp_path / "out" / "report.md"
+    assert bench_cli.main(["report", str(csvs[0]), str(csvs[1]), "--markdown", str(md), "--plot"]) == 0
+    out = capsys.readouterr().out
+    assert "device cpu" in out and "device gpu" in out and "RGB fix" in out
+    assert md.read_text().startswith("# Benchmark results")
+    for name in ("speed.png", "stages.png"):  # beside the first CSV
+        png = csvs[0].parent / name
+        assert png.exists() and png.stat().st_size > 5000
+    code = bench_cli.main(["report", str(tmp_path / "missing.csv")])
+    assert code == DataError.exit_code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.csv" in err[0]
+
+
+def test_write_plots(df, tmp_path):
+    paths = write_plots(df, tmp_path / "plots")
+    assert [p.name for p in paths] == ["speed.png", "stages.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    assert write_plots(df[df["status"] != "ok"], tmp_path / "none") == []
