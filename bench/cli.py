@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flowers_fast.cli import positive_int, run_main
+from flowers_fast.cli import OneLineParser, positive_int, run_main
 from flowers_fast.config import DATASETS, STRATEGIES
 
 from . import configs
@@ -27,7 +27,7 @@ def cmd_list(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench",
+    parser = OneLineParser(prog="python -m bench",
                                      description="Compare ways to feed and compile the flowers transfer-learning job.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run configurations side by side and write a CSV under --out",

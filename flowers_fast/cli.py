@@ -11,6 +11,13 @@ from .config import DATASETS, DEVICES, PIPELINES, PRECISIONS, RANDOM_HANDLE, STR
 from .errors import INTERRUPTED_EXIT_CODE, UserError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes print one line naming the flag (not the whole usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -115,7 +122,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flowers_fast",
+    parser = OneLineParser(prog="python -m flowers_fast",
                                      description="MobileNetV2 transfer learning on flowers, the naive way or fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train and evaluate one configuration")

@@ -65,10 +65,15 @@ def _hub_layer(handle: str, trainable: bool, name: str = "backbone") -> "hub.Ker
 
 
 def _check_features(layer, handle: str, image_size: int) -> int:
-    out = layer(tf.zeros([1, image_size, image_size, 3], tf.float32))
-    if len(out.shape) != 2:
+    try:
+        out = layer(tf.zeros([1, image_size, image_size, 3], tf.float32))
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+        raise ModelError(f"--model-handle {handle}: does not take float32 images of {image_size}x{image_size}x3 "
+                         f"({type(exc).__name__}); check the handle and --image-size") from None
+    if len(out.shape) != 2 or out.shape[-1] == 1001:
         raise ModelError(f"--model-handle {handle}: outputs shape {tuple(out.shape)}, expected [batch, features]; "
-                         "pass a feature_vector model, not a classification one")
+                         "pass a feature_vector model (not a classification one, whose 1001 outputs are ImageNet "
+                         "logits)")
     return int(out.shape[-1])
 
 
