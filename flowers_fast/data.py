@@ -112,8 +112,17 @@ def _tfds_folder(cache: Path) -> Path:
     import shutil
     import tempfile
 
+    import socket
+
     import tensorflow_datasets as tfds
 
+    offline = ("--dataset tfds: cannot reach download.tensorflow.org; offline, use --data-dir PATH with a local "
+               "flower_photos folder or --dataset synthetic")
+    if not (Path(cache) / "tfds" / "tf_flowers").exists():
+        try:  # tfds retries for minutes when offline; ask once, quickly
+            socket.create_connection(("download.tensorflow.org", 443), timeout=5).close()
+        except OSError:
+            raise OfflineError(offline) from None
     try:
         ds, info = tfds.load("tf_flowers", split="train", with_info=True, data_dir=str(Path(cache) / "tfds"),
                              decoders={"image": tfds.decode.SkipDecoding()})

@@ -71,7 +71,7 @@ def input_only_rate(dataset, batch_size: int) -> float:
 
 
 def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: int, input_dtype,
-                          min_seconds: float = 2.0) -> tuple[float, float]:
+                          min_seconds: float = 2.0, min_calls: int = 3) -> tuple[float, float]:
     """Train-step images/s on one in-memory synthetic batch (no input pipeline), and warm-up s.
 
     Like tf_cnn_benchmarks' synthetic mode: it isolates the model from the input. It updates
@@ -84,7 +84,7 @@ def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: 
     y = tf.constant(rng.integers(0, num_classes, batch_size), tf.int32)
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     train_function = model.make_train_function()
-    return timed_rate(lambda: train_function(iterator), batch_size, min_seconds=min_seconds)
+    return timed_rate(lambda: train_function(iterator), batch_size, min_calls=min_calls, min_seconds=min_seconds)
 
 
 def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 2.0) -> tuple[float, float]:
