@@ -126,23 +126,31 @@ def calibration_images(n: int, image_size: int, seed: int) -> np.ndarray:
 
 def export_random_mobilenet(path: str | Path, seed: int = 0, image_size: int = 224,
                             calibration: int = 64) -> Path:
-    """Write the Hub-format SavedModel to ``path`` atomically; returns the path."""
+    """Write the Hub-format feature-vector SavedModel to ``path`` atomically; returns the path."""
+    return export_random(path, lambda: build_keras_mobilenet(image_size), f"random MobileNetV2, seed {seed}, "
+                         f"v{EXPORT_VERSION}", seed, image_size, calibration)
+
+
+def export_random(path: str | Path, build, note: str, seed: int, image_size: int, calibration: int) -> Path:
+    """Draw ``build()``'s weights (seeded, orthogonal), calibrate its batch norm, and save it in
+    Hub format to ``path`` atomically; nothing to do if it is already there."""
     path = Path(path)
     if (path / "saved_model.pb").exists():
         return path
     keras.utils.set_random_seed(seed)
-    backbone = build_keras_mobilenet(image_size)
-    orthogonal_init(backbone, seed)
-    calibrate_batch_norm(backbone, calibration_images(calibration, image_size, seed))
-    module = _hub_module(backbone, image_size)
+    model = build()
+    orthogonal_init(model, seed)
+    calibrate_batch_norm(model, calibration_images(calibration, image_size, seed))
+    module = _hub_module(model, image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
         tf.saved_model.save(module, str(tmp))
-        (tmp / "flowers_fast_weights.txt").write_text(f"random MobileNetV2, seed {seed}, v{EXPORT_VERSION}\n")
+        # Marks the weights as random: reports say so (model.resolve_handle reads it).
+        (tmp / "flowers_fast_weights.txt").write_text(note + "\n")
         try:
             os.replace(tmp, path)
-        except OSError:
+        except OSError:  # another process finished first; theirs is identical
             if not (path / "saved_model.pb").exists():
                 raise
     finally:

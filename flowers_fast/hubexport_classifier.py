@@ -9,13 +9,10 @@ statistics from synthetic flowers). The predictions are meaningless but determin
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .hubexport import _hub_module, calibrate_batch_norm, calibration_images, orthogonal_init
-from .tfkeras import keras, tf
+from .hubexport import export_random
+from .tfkeras import keras
 
 EXPORT_VERSION = 1
 NUM_CLASSES = 1001
@@ -31,28 +28,9 @@ def export_random_classifier(path: str | Path, seed: int = 0, image_size: int = 
                              calibration: int = 64) -> Path:
     """Write the Hub-classification-format SavedModel to ``path`` atomically (nothing to do if
     it is already there); returns the path."""
-    path = Path(path)
-    if (path / "saved_model.pb").exists():
-        return path
-    keras.utils.set_random_seed(seed)
-    model = build_keras_classifier(image_size)
-    orthogonal_init(model, seed)
-    calibrate_batch_norm(model, calibration_images(calibration, image_size, seed))
-    module = _hub_module(model, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    try:
-        tf.saved_model.save(module, str(tmp))
-        (tmp / "flowers_fast_weights.txt").write_text(
-            f"random MobileNetV2 classifier ({NUM_CLASSES} logits), seed {seed}, v{EXPORT_VERSION}\n")
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / "saved_model.pb").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return export_random(path, lambda: build_keras_classifier(image_size),
+                         f"random MobileNetV2 classifier ({NUM_CLASSES} logits), seed {seed}, v{EXPORT_VERSION}",
+                         seed, image_size, calibration)
 
 
 def default_path(cache: Path, seed: int = 0, image_size: int = 224) -> Path:

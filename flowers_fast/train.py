@@ -196,18 +196,8 @@ def _run_tutorial(cfg, dataset, split, backbone, strategy, global_batch, num_cla
         row.update(data_prep_s=prep, train_images=n_train, test_images=n_test,
                    skipped_files=len(split.train_files) + len(split.test_files) - n_train - n_test,
                    skipped_list="", channel_order="RGB")
-        with strategy.scope():
-            model = models.build_classifier(backbone, num_classes, cfg, input_kind="float255")
-            models.compile_classifier(model, cfg)
-        steps = -(-n_train // global_batch)
-        times, _ = _fit(model, train_ds, cfg, steps, progress, "tutorial")
-        _finish_epochs(row, times, n_train, prep)
-        row.update(_evaluate(model, test_ds, n_test))
-        y_true = np.concatenate([y.numpy() for _, y in test_ds])
-        y_pred = _predict(model, test_ds)
-        input_rate = metrics.input_only_rate(train_ds, global_batch)
-        _breakdown(row, cfg, model, input_rate, tf.float32, num_classes, global_batch)
-    return RunResult(row, model, y_true=y_true, y_pred=y_pred)
+        return _train_on_datasets(cfg, backbone, strategy, global_batch, num_classes, progress, row, train_ds,
+                                  test_ds, n_train, n_test, prep, "float255")
 
 
 def _run_tfdata(cfg, dataset, split, backbone, strategy, global_batch, num_classes, progress, row):
@@ -217,18 +207,28 @@ def _run_tfdata(cfg, dataset, split, backbone, strategy, global_batch, num_class
     train_ds = pipeline.train_dataset(train_dec, cfg, global_batch)
     test_ds = pipeline.eval_dataset(test_dec, cfg, global_batch)
     train_ds = distribute.maybe_data_service(train_ds, cfg)
+    result = _train_on_datasets(cfg, backbone, strategy, global_batch, num_classes, progress, row, train_ds, test_ds,
+                                n_train, n_test, prep, "uint8")
+    result.test_files = _kept(split.test_files, skipped)
+    return result
+
+
+def _train_on_datasets(cfg, backbone, strategy, global_batch, num_classes, progress, row, train_ds, test_ds,
+                       n_train, n_test, prep, input_kind):
+    """Fit, evaluate, predict and break down: shared by the tutorial's and our tf.data pipelines."""
     with strategy.scope():
-        model = models.build_classifier(backbone, num_classes, cfg, input_kind="uint8")
+        model = models.build_classifier(backbone, num_classes, cfg, input_kind=input_kind)
         models.compile_classifier(model, cfg)
     steps = -(-n_train // global_batch)
-    times, _ = _fit(model, train_ds, cfg, steps, progress, "tfdata")
+    times, _ = _fit(model, train_ds, cfg, steps, progress, cfg.pipeline)
     _finish_epochs(row, times, n_train, prep)
     row.update(_evaluate(model, test_ds, n_test))
     y_true = np.concatenate([y.numpy() for _, y in test_ds])
     y_pred = _predict(model, test_ds)
     input_rate = metrics.input_only_rate(train_ds, global_batch)
-    _breakdown(row, cfg, model, input_rate, tf.uint8, num_classes, global_batch)
-    return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=_kept(split.test_files, skipped))
+    _breakdown(row, cfg, model, input_rate, tf.uint8 if input_kind == "uint8" else tf.float32, num_classes,
+               global_batch)
+    return RunResult(row, model, y_true=y_true, y_pred=y_pred)
 
 
 def _kept(files, skipped):
