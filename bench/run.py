@@ -190,16 +190,17 @@ def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
 
 def execute(args) -> int:
     out = Path(args.out)
-    check_out_dir(out)
     if args.resume:
         run_id, path, saved = _resume_target(out, args.resume)
         for key, value in saved.items():
             setattr(args, key, value)
-    else:
-        run_id, path = new_run_path(out)
-        (out / f"run-{run_id}.json").write_text(json.dumps(_sweep_args(args), indent=1))
+    # Every mistake is found before anything is written.
     preset, cfgs = sweep_configs(args)
     devices, skipped = plan(args)
+    check_out_dir(out)
+    if not args.resume:
+        run_id, path = new_run_path(out)
+        (out / f"run-{run_id}.json").write_text(json.dumps(_sweep_args(args), indent=1))
     for s in skipped:
         print(f"bench: skipping device {s}", file=sys.stderr)
     repeats = args.repeats or preset.repeats
