@@ -82,7 +82,10 @@ def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: 
     else:
         x = tf.constant(rng.random((batch_size, image_size, image_size, 3), dtype=np.float32))
     y = tf.constant(rng.integers(0, num_classes, batch_size), tf.int32)
-    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    # Split the global batch over the replicas, as fit does; a plain iterator would hand every
+    # replica the whole batch (replicas x the work, counted once).
+    iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
     train_function = model.make_train_function()
     return timed_rate(lambda: train_function(iterator), batch_size, min_calls=min_calls, min_seconds=min_seconds)
 

@@ -64,9 +64,18 @@ def _hub_layer(handle: str, trainable: bool, name: str = "backbone") -> "hub.Ker
                          f"{str(exc).splitlines()[0][:160]})") from None
 
 
+def eager_call(layer, x):
+    """``layer(x)`` run eagerly also under a strategy's scope: a Hub SavedModel loaded under
+    MirroredStrategy.scope() fails when called in cross-replica context, so run it on the replicas."""
+    if tf.distribute.in_cross_replica_context():
+        strategy = tf.distribute.get_strategy()
+        return strategy.experimental_local_results(strategy.run(layer, args=(x,)))[0]
+    return layer(x)
+
+
 def _check_features(layer, handle: str, image_size: int) -> int:
     try:
-        out = layer(tf.zeros([1, image_size, image_size, 3], tf.float32))
+        out = eager_call(layer, tf.zeros([1, image_size, image_size, 3], tf.float32))
     except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
         raise ModelError(f"--model-handle {handle}: does not take float32 images of {image_size}x{image_size}x3 "
                          f"({type(exc).__name__}); check the handle and --image-size") from None
@@ -157,7 +166,7 @@ def _copy_hub_weights(hub_layer, base, handle: str) -> None:
 def relative_error(model, hub_layer, image_size: int) -> float:
     """Relative L2 distance between ``model``'s features and the Hub model's on synthetic flowers."""
     images = hubexport.calibration_images(8, image_size, seed=123) * 0.5 + 0.5
-    ref = hub_layer(tf.constant(images)).numpy().astype(np.float64)
+    ref = eager_call(hub_layer, tf.constant(images)).numpy().astype(np.float64)
     got = tf.cast(model(tf.constant(images)), tf.float32).numpy().astype(np.float64)
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
 
