@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, help="runs of each configuration (default: the preset's)")
     p.add_argument("--timeout", type=positive_int, metavar="S", help="per configuration (default: the preset's)")
     p.add_argument("--strategy", choices=STRATEGIES)
+    p.add_argument("--logical-cpus", type=int, metavar="N", help="with --strategy mirrored on a CPU: N replicas")
     p.add_argument("--data-service", metavar="grpc://HOST:PORT")
     p.add_argument("--seed", type=int)
     p.add_argument("--figures", action="store_true", help="write confusion matrices and prediction grids")

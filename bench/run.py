@@ -176,7 +176,7 @@ def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
     preset = configs_mod.PRESETS[args.preset]
     overrides = dict(preset.overrides)
     for flag in ("dataset", "data_dir", "model_handle", "epochs", "batch_size", "num_images", "strategy",
-                 "data_service", "seed"):
+                 "logical_cpus", "data_service", "seed"):
         value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
@@ -262,7 +262,7 @@ def summary_table(df: pd.DataFrame) -> str:
 
 
 SWEEP_KEYS = ("preset", "device", "dataset", "data_dir", "model_handle", "configs", "epochs", "batch_size",
-              "num_images", "repeats", "timeout", "strategy", "data_service", "seed", "figures")
+              "num_images", "repeats", "timeout", "strategy", "logical_cpus", "data_service", "seed", "figures")
 
 
 def _sweep_args(args) -> dict:

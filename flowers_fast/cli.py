@@ -59,6 +59,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--xla-backbone", action="store_true", help="jit_compile the backbone forward (featcache)")
     g.add_argument("--rgb", action="store_true", help="naive pipeline: fix the notebook's BGR channel order")
     g.add_argument("--strategy", choices=STRATEGIES, default="default", help="tf.distribute strategy")
+    g.add_argument("--logical-cpus", type=int, default=0, metavar="N",
+                   help="split the CPU into N logical devices (with --strategy mirrored: N replicas on a CPU host)")
     g.add_argument("--data-service", metavar="grpc://HOST:PORT", help="tf.data service dispatcher for decoding")
 
 
@@ -69,7 +71,8 @@ def config_from_args(args, **overrides) -> RunConfig:
     for name, attr in (("epochs", "epochs"), ("batch_size", "batch_size"), ("learning_rate", "learning_rate"),
                        ("fine_tune", "fine_tune"), ("precision", "precision"), ("xla_step", "xla"),
                        ("xla_backbone", "xla_backbone"), ("naive_rgb", "rgb"), ("strategy", "strategy"),
-                       ("data_service", "data_service"), ("pipeline", "pipeline"), ("device", "device")):
+                       ("data_service", "data_service"), ("pipeline", "pipeline"), ("device", "device"),
+                       ("logical_cpus", "logical_cpus")):
         if getattr(args, attr, None) is not None:
             values[name] = getattr(args, attr)
     values.update(overrides)
@@ -100,6 +103,7 @@ def cmd_train(args) -> int:
     from . import train
 
     result = train.run(cfg, cache_path(args), progress=not args.quiet, keep_model=bool(args.save))
+    written = _figures(result, Path(args.figures), cfg.pipeline) if args.figures else []
     row = {**cfg.to_dict(), **result.row}
     print(f"flowers_fast train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
@@ -110,7 +114,22 @@ def cmd_train(args) -> int:
         (Path(args.save) / "classes.txt").write_text("\n".join(result.classes) + "\n")
         (Path(args.save) / "run.json").write_text(cfg.to_json())
         print(f"saved model to {args.save}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
+
+
+def _figures(result, folder: Path, stem: str) -> list[Path]:
+    """The notebook's pictures, with real files: confusion matrix (CSV, PNG) and test predictions."""
+    from . import figures
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = list(figures.confusion_matrix(result.y_true, result.y_pred, result.classes, folder, stem))
+    if result.test_files:
+        grid = folder / f"{stem}-predictions.png"
+        figures.prediction_grid(result.test_files, result.y_true, result.y_pred, result.classes, grid)
+        written.append(grid)
+    return written
 
 
 def cmd_export(args) -> int:
@@ -132,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_model_args(p)
     add_train_args(p)
     p.add_argument("--save", metavar="PATH", help="save the trained model (SavedModel) for predict --checkpoint")
+    p.add_argument("--figures", metavar="DIR", help="write a confusion matrix (CSV, PNG) and a grid of test "
+                                                    "images with true and predicted labels")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

@@ -45,6 +45,7 @@ class RunConfig:
     # training
     epochs: int = 5
     batch_size: int = 32  # per replica
+    feature_batch_size: int = 128  # featcache's one-time backbone pass: inference only, so bigger is faster
     learning_rate: float = 1e-3
     # input pipeline craft
     naive_rgb: bool = False  # the notebook feeds BGR; True fixes the channel order
@@ -56,6 +57,7 @@ class RunConfig:
     breakdown: bool = True  # also measure input-only and model-only throughput
     # scaling out
     strategy: str = "default"
+    logical_cpus: int = 0  # >1: split the CPU into this many devices (mirrored on a CPU-only host)
     data_service: str | None = None
 
     def __post_init__(self) -> None:
@@ -71,7 +73,7 @@ class RunConfig:
             if value not in allowed:
                 raise UserError(f"--{flag.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_images": self.num_images,
-                    "image_size": self.image_size}
+                    "image_size": self.image_size, "feature_batch_size": self.feature_batch_size}
         for flag, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -79,6 +81,10 @@ class RunConfig:
             raise UserError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.data_service and self.pipeline != "tfdata":
+            raise UserError(f"--data-service works with --pipeline tfdata only, not {self.pipeline}")
+        if self.logical_cpus < 0:
+            raise UserError(f"--logical-cpus must be 0 or more, got {self.logical_cpus}")
         if self.image_size < 32:
             raise UserError(f"--image-size must be at least 32, got {self.image_size}")
 

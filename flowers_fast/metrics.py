@@ -71,7 +71,7 @@ def input_only_rate(dataset, batch_size: int) -> float:
 
 
 def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: int, input_dtype,
-                          min_seconds: float = 2.0, min_calls: int = 3) -> tuple[float, float]:
+                          min_seconds: float = 4.0, min_calls: int = 3) -> tuple[float, float]:
     """Train-step images/s on one in-memory synthetic batch (no input pipeline), and warm-up s.
 
     Like tf_cnn_benchmarks' synthetic mode: it isolates the model from the input. It updates
@@ -90,7 +90,7 @@ def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: 
     return timed_rate(lambda: train_function(iterator), batch_size, min_calls=min_calls, min_seconds=min_seconds)
 
 
-def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 2.0) -> tuple[float, float]:
+def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 4.0) -> tuple[float, float]:
     """Forward images/s of ``fn`` on one in-memory float batch in [0, 1], and warm-up s."""
     x = tf.constant(np.random.default_rng(0).random((batch_size, image_size, image_size, 3), dtype=np.float32))
     return timed_rate(lambda: fn(x).numpy(), batch_size, min_seconds=min_seconds)

@@ -39,6 +39,10 @@ def setup(cfg: RunConfig) -> None:
             tf.config.set_visible_devices([], "GPU")
         except RuntimeError:
             pass  # already initialised without GPUs
+    if cfg.device == "cpu" and cfg.logical_cpus > 1:
+        from .distribute import split_cpu
+
+        split_cpu(cfg.logical_cpus)
     # XLA only where a configuration asks for it (jit_compile), never auto-clustered.
     tf.config.optimizer.set_jit(False)
 

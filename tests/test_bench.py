@@ -44,6 +44,17 @@ def test_smoke_sweep_writes_one_valid_csv(tmp_path, small_model):
     assert "speed-up" in res.stdout
 
 
+@pytest.mark.slow
+def test_mirrored_on_two_logical_cpus_gives_a_two_replica_row(tmp_path, small_model):
+    res = bench("run", "--preset", "smoke", "--configs", "tfdata", "--strategy", "mirrored", "--logical-cpus", "2",
+                "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "latest.csv")
+    assert df["status"].tolist() == ["ok"]
+    assert df["replicas"].tolist() == [2] and df["global_batch"].tolist() == [64]
+    assert df["strategy"].tolist() == ["mirrored"] and df["logical_cpus"].tolist() == [2]
+
+
 def test_timeout_becomes_a_row_and_the_sweep_goes_on(tmp_path):
     res = bench("run", "--preset", "smoke", "--configs", "naive,tfdata", "--timeout", "2", "--out", str(tmp_path))
     assert res.returncode == 9
@@ -165,3 +176,14 @@ def test_list_names_every_configuration():
     assert res.returncode == 0
     for name in ("naive", "tutorial", "tfdata", "tfdata-mixed", "tfdata-xla", "tfdata-mixed-xla", "featcache"):
         assert f"  {name} " in res.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_script_cpu_fallback(tmp_path, small_model):
+    res = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path), "--device", "cpu"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = (tmp_path / "gpu_check.txt").read_text()
+    assert "PASS  tfdata-mixed: backbone convolutions run in bfloat16" in report
+    assert "PASS  every configuration finished" in report
+    assert "mixed precision model-only >= 1.5x fp32" in report  # reported on CPU, judged on GPU

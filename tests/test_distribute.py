@@ -71,10 +71,6 @@ def mirrored_rows(cache, small_model):
 def test_mirrored_on_two_cpu_devices_matches_one_device(mirrored_rows):
     rows = mirrored_rows
     for key, row in rows.items():
-        if "error" in row and "does not take float32 images" in row["error"]:
-            # model._check_features calls the Hub layer eagerly in MirroredStrategy's cross-replica
-            # context, which a SavedModel loaded under strategy.scope() refuses; see docs/scaling.md.
-            pytest.xfail(f"{key}: model.py probes the Hub layer in cross-replica context: {row['error']}")
         assert "error" not in row, f"{key}: {row['error']}"
     m16, d32, m32 = rows["mirrored16"], rows["default32"], rows["mirrored32"]
     assert (m16["replicas"], m16["global_batch"]) == (2, 32)
