@@ -32,8 +32,21 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.0f} {unit}"
 
 
+def noise_points(df: pd.DataFrame, device: str, accuracies: pd.Series) -> tuple[float, int]:
+    """Two standard errors of the difference of two accuracies on this test set, in points, and
+    the test-set size: accuracy gaps below it are what the test set cannot resolve."""
+    if "test_images" not in df.columns:
+        return 0.0, 0
+    rows = df[(df["device"] == device) & (df["status"] == "ok")]
+    n = pd.to_numeric(rows["test_images"], errors="coerce").median()
+    if not n or math.isnan(n):
+        return 0.0, 0
+    p = min(max(float(accuracies.mean()) / 100.0, 1.0 / n), 1.0 - 1.0 / n)
+    return 200.0 * math.sqrt(2.0 * p * (1.0 - p) / n), int(n)
+
+
 def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
-              objective: str = "total-time") -> tuple[pd.Series, str, str]:
+              objective: str = "total-time", noise_margin: bool = True) -> tuple[pd.Series, str, str]:
     """(medians row of the chosen configuration, why, the ``python -m bench run`` line that
     reproduces it). ``df`` is a results table as from ``report.load``."""
     if objective not in OBJECTIVES:
@@ -53,7 +66,9 @@ def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
     column, larger, words, unit = OBJECTIVES[objective]
     best_acc = done["acc_pct"].max()
     top = done.loc[done["acc_pct"].idxmax(), "name"]
-    keep = done[done["acc_pct"] >= best_acc - max_acc_drop - 1e-9]
+    noise, n_test = noise_points(df, device, done["acc_pct"]) if noise_margin else (0.0, 0)
+    tolerance = max(max_acc_drop, noise)
+    keep = done[done["acc_pct"] >= best_acc - tolerance - 1e-9]
     dropped = done[~done.index.isin(keep.index)]
     scored = keep[keep[column].notna()]
     if scored.empty:
@@ -71,8 +86,12 @@ def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
 
     reason = (f"{name} on {device}: {'highest' if larger else 'lowest'} {words} "
               f"({_fmt(row[column], unit)}) among {len(keep)} of {len(done)} configurations within "
-              f"{max_acc_drop:g} accuracy points of the best ({top} {best_acc:.1f}%); its accuracy "
+              f"{tolerance:.3g} accuracy points of the best ({top} {best_acc:.1f}%); its accuracy "
               f"{row['acc_pct']:.1f}%")
+    if tolerance > max_acc_drop:
+        reason += (f" (the tolerance is the larger of --max-acc-drop {max_acc_drop:g} and {noise:.2g} points, two "
+                   f"standard errors of an accuracy difference on {n_test} test images: smaller gaps are noise; "
+                   "--no-noise-margin turns this off)")
     if name != "naive" and "naive" in set(done["name"]):
         naive = done[done["name"] == "naive"].iloc[0]
         if naive["total_s"] > 0 and row["total_s"] > 0:
@@ -124,7 +143,8 @@ def _value(row: pd.Series, col: str) -> str:
 
 def cmd_recommend(args) -> int:
     df = load(args.csv or [DEFAULT_CSV])
-    row, reason, command = recommend(df, args.device, args.max_acc_drop, args.objective)
+    row, reason, command = recommend(df, args.device, args.max_acc_drop, args.objective,
+                                     noise_margin=not args.no_noise_margin)
     print(f"recommended: {row['name']}")
     print(reason)
     print(f"reproduce with:\n  {command}")
@@ -139,6 +159,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="keep configurations within this many accuracy percentage points of the best")
     p.add_argument("--objective", choices=tuple(OBJECTIVES), default="total-time",
                    help="total-time: least total s; throughput: most train img/s; memory: least peak RSS MB")
+    p.add_argument("--no-noise-margin", action="store_true",
+                   help="compare accuracies as they are, even when the test set is too small to tell them apart")
     p.add_argument("csv", nargs="*", metavar="CSV", default=[DEFAULT_CSV], help="result CSVs to read")
     p.set_defaults(func=cmd_recommend)
     return p

@@ -42,7 +42,7 @@ def row(name, device, acc, total, train, rss, repeat=0, status="ok", steady=None
              steady_epoch_s=steady, steady_epoch_min_s=steady * 0.9, steady_epoch_max_s=steady * 1.1,
              total_s=total, train_img_s=train, end_to_end_img_s=train * 0.8, eval_img_s=train * 2,
              input_only_img_s=train * 10, model_only_img_s=train * 1.1, e2e_fraction_of_model=0.8 / 1.1,
-             bottleneck="compute-bound", peak_rss_mb=rss, train_images=450, test_images=150,
+             bottleneck="compute-bound", peak_rss_mb=rss, train_images=450, test_images=100_000,
              feature_pass_s=3.0 if name.startswith("featcache") else "")
     return r
 
@@ -230,3 +230,22 @@ def test_write_plots(df, tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     assert write_plots(df[df["status"] != "ok"], tmp_path / "none") == []
+
+
+def test_recommend_treats_gaps_below_test_set_noise_as_ties():
+    import pandas as pd
+
+    from bench.recommend import recommend
+
+    rows = [dict(name="naive", device="cpu", status="ok", test_accuracy=1.0, total_s=26.0, train_img_s=110.0,
+                 steady_epoch_s=4.0, peak_rss_mb=2800.0, test_images=150, repeat=0),
+            dict(name="featcache", device="cpu", status="ok", test_accuracy=0.98, total_s=8.0, train_img_s=9e3,
+                 steady_epoch_s=0.02, peak_rss_mb=3100.0, test_images=150, repeat=0)]
+    df = pd.DataFrame(rows)
+    row, reason, _ = recommend(df, "cpu", max_acc_drop=1.0)
+    assert row["name"] == "featcache" and "150 test images" in reason
+    row, _, _ = recommend(df, "cpu", max_acc_drop=1.0, noise_margin=False)
+    assert row["name"] == "naive"
+    big = df.assign(test_images=100_000)  # a huge test set resolves a 2-point gap
+    row, _, _ = recommend(big, "cpu", max_acc_drop=1.0)
+    assert row["name"] == "naive"
