@@ -32,23 +32,28 @@ class Backbone:
     feature_dim: int
 
 
-def resolve_handle(handle: str, cache: Path, seed: int = 0, image_size: int = 224) -> tuple[str, str]:
-    """(loadable handle, weights kind). ``random`` exports the offline model on first use."""
+def resolve_handle(handle: str, cache: Path, seed: int = 0, image_size: int = 224,
+                   export_random=None, what: str = "a Hub URL") -> tuple[str, str]:
+    """(loadable handle, weights kind). ``random`` calls ``export_random()`` (default: the offline
+    feature-vector MobileNetV2), which exports on first use and returns its path."""
     handle = ALIASES.get(handle, handle)
     if handle == RANDOM_HANDLE:
-        return str(hubexport.export_random_mobilenet(hubexport.default_path(cache, seed, image_size), seed,
-                                                     image_size)), "random"
+        if export_random is None:
+            return str(hubexport.export_random_mobilenet(hubexport.default_path(cache, seed, image_size), seed,
+                                                         image_size)), "random"
+        return str(export_random()), "random"
     if re.match(r"^https?://", handle):
         # Hub caches downloads here; an explicit TFHUB_CACHE_DIR from the user wins.
         os.environ.setdefault("TFHUB_CACHE_DIR", str(Path(cache) / "hub"))
         return handle, "pretrained"
     path = Path(handle).expanduser()
     if not path.exists():
-        raise ModelError(f"--model-handle {handle}: no such file or folder; pass a Hub URL, a local SavedModel "
+        raise ModelError(f"--model-handle {handle}: no such file or folder; pass {what}, a local SavedModel "
                          "folder, or 'random' for the built-in offline MobileNetV2")
     if not (path / "saved_model.pb").exists():
         raise ModelError(f"--model-handle {handle}: not a SavedModel (no saved_model.pb inside); pass the folder "
                          "of an extracted TF Hub model")
+    # The exporter leaves this file beside random weights.
     weights = "random" if (path / "flowers_fast_weights.txt").exists() else "pretrained"
     return str(path), weights
 

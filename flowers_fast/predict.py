@@ -14,14 +14,13 @@ TensorFlow is imported only when the command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from importlib import resources
 from pathlib import Path
 
 from .cli import positive_int
-from .config import HUB_CLASSIFIER, RANDOM_HANDLE
+from .config import HUB_CLASSIFIER
 from .errors import DataError, ModelError, OfflineError
 
 HUB_SIZE = 224
@@ -89,24 +88,16 @@ def resize(image, size: int):
 
 def resolve_classifier(handle: str, cache: Path) -> tuple[str, str]:
     """(loadable handle, weights kind) for the ImageNet classifier; 'random' exports on first use."""
-    handle = ALIASES.get(handle, handle)
-    if handle == RANDOM_HANDLE:
-        from . import hubexport_classifier as hc
+    from . import hubexport_classifier as hc
+    from .model import resolve_handle
 
+    def export():
         path = hc.default_path(cache)
         if not (path / "saved_model.pb").exists():
             print(f"exporting the offline random classifier to {path} (first use only) ...", file=sys.stderr)
-        return str(hc.export_random_classifier(path)), "random"
-    if re.match(r"^https?://", handle):
-        os.environ.setdefault("TFHUB_CACHE_DIR", str(Path(cache) / "hub"))
-        return handle, "pretrained"
-    path = Path(handle).expanduser()
-    if not path.exists():
-        raise ModelError(f"--model-handle {handle}: no such file or folder; pass a Hub classification URL, a local "
-                         "SavedModel folder, or 'random'")
-    if not (path / "saved_model.pb").exists():
-        raise ModelError(f"--model-handle {handle}: not a SavedModel (no saved_model.pb inside)")
-    return str(path), "random" if (path / "flowers_fast_weights.txt").exists() else "pretrained"
+        return hc.export_random_classifier(path)
+
+    return resolve_handle(ALIASES.get(handle, handle), cache, export_random=export, what="a Hub classification URL")
 
 
 def load_hub_classifier(handle: str):
