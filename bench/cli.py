@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from flowers_fast.cli import OneLineParser, positive_int, run_main
+from flowers_fast.argtypes import OneLineParser, positive_int
+from flowers_fast.cli import run_main
 from flowers_fast.config import DATASETS, STRATEGIES
 
 from . import configs

@@ -8,24 +8,8 @@ import sys
 from pathlib import Path
 
 from .config import DATASETS, DEVICES, PIPELINES, PRECISIONS, RANDOM_HANDLE, STRATEGIES, RunConfig
+from .argtypes import OneLineParser, positive_int
 from .errors import INTERRUPTED_EXIT_CODE, UserError
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage mistakes print one line naming the flag (not the whole usage block), exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def add_data_model_args(parser: argparse.ArgumentParser) -> None:

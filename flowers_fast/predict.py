@@ -19,7 +19,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .cli import positive_int
+from .argtypes import positive_int
 from .config import HUB_CLASSIFIER
 from .errors import DataError, ModelError, OfflineError
 
