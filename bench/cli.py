@@ -29,7 +29,7 @@ def cmd_list(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m bench",
-                                     description="Compare ways to feed and compile the flowers transfer-learning job.")
+                            description="Compare ways to feed and compile the flowers transfer-learning job.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run configurations side by side and write a CSV under --out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)

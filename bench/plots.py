@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from flowers_fast.errors import OutputError
+from flowers_fast.figures import save_figure
 
 from .report import _ordered, KNOWN_ORDER, _values, medians, normalise
 
@@ -28,16 +27,6 @@ STAGE_LABELS = {"input_only_img_s": "input only", "model_only_img_s": "model onl
 def _subtitle(df: pd.DataFrame) -> str:
     ok = df[df["status"] == "ok"]
     return f"data: {_values(ok, 'dataset')}, weights: {_values(ok, 'weights')}"
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write plot ({exc.strerror or exc})") from None
-    return path
 
 
 def write_plots(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
@@ -82,7 +71,7 @@ def _speed(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
     axes[-1].set_xticklabels(names, rotation=30, ha="right")
     axes[-1].set_xlabel("configuration")
     fig.suptitle(f"MobileNetV2 transfer learning: speed per configuration ({subtitle}; medians over repeats)")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=120)
 
 
 def _stages(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
@@ -112,4 +101,4 @@ def _stages(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
         ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
         ax.legend(fontsize=8)
     fig.suptitle(f"Per-stage throughput: input pipeline vs model vs end to end ({subtitle})")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=120)

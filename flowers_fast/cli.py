@@ -126,7 +126,7 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m flowers_fast",
-                                     description="MobileNetV2 transfer learning on flowers, the naive way or fast.")
+                            description="MobileNetV2 transfer learning on flowers, the naive way or fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train and evaluate one configuration")
     p.add_argument("--pipeline", choices=PIPELINES, default="tfdata",

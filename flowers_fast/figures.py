@@ -16,11 +16,12 @@ from matplotlib.figure import Figure
 from .errors import OutputError
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Render ``fig`` with the Agg canvas (no pyplot state) to ``path``; a write failure is one line."""
     FigureCanvasAgg(fig)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write figure ({exc.strerror or exc})") from None
     return path
@@ -69,7 +70,7 @@ def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9,
                     color="white" if counts[i, j] > threshold else "black")
     ax.set_title(f"{stem}: confusion matrix ({counts.sum()} test images, accuracy {accuracy:.1%})", fontsize=10)
-    png_path = _save(fig, out_dir / f"{stem}-confusion.png")
+    png_path = save_figure(fig, out_dir / f"{stem}-confusion.png")
     return csv_path, png_path
 
 
@@ -124,4 +125,4 @@ def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequen
     shown_wrong = sum(int(y_true[i] != y_pred[i]) for i in chosen)
     fig.suptitle(f"true / predicted ({len(chosen)} of {count} test images, {shown_wrong} wrong shown in red)",
                  fontsize=10)
-    return _save(fig, Path(out_path))
+    return save_figure(fig, Path(out_path))

@@ -72,7 +72,7 @@ def _predict(model, x, batch_size=None):
     return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
 
 
-def _first_pass(decoded, n_expected: int, files, strict: bool, progress: bool, label: str):
+def _first_pass(decoded, files, strict: bool, progress: bool, label: str):
     """Iterate the (image, label, path) dataset once: fills the cache and finds undecodable files."""
     seen = set()
     for _, _, paths in tqdm(decoded.batch(256), desc=f"{label}: decode+cache", unit="batch", disable=not progress,
@@ -87,19 +87,27 @@ def _first_pass(decoded, n_expected: int, files, strict: bool, progress: bool, l
     return skipped
 
 
-def _tfdata(cfg, split, global_batch, progress):
-    """Decoded, cached train/test datasets of (uint8 image, label); returns them, prep seconds, skips."""
+def _tfdata(cfg, split, progress):
+    """Decoded, cached train/test datasets of (uint8 image, label), the kept image counts, prep
+    seconds and the skipped files."""
     start = time.perf_counter()
-    out, skipped = [], []
+    out, counts, skipped = [], [], []
     for part, files, labels in (("train", split.train_files, split.train_labels),
                                 ("test", split.test_files, split.test_labels)):
         decoded = pipeline.cached(pipeline.decode_dataset(files, labels, cfg, with_path=True), cfg, part)
-        skipped += _first_pass(decoded, len(files), files, cfg.strict, progress, part)
+        part_skipped = _first_pass(decoded, files, cfg.strict, progress, part)
+        skipped += part_skipped
+        counts.append(len(files) - len(part_skipped))
         out.append(decoded.map(lambda image, label, path: (image, label)))
-    prep = time.perf_counter() - start
-    n_train = len(split.train_files) - sum(1 for s in skipped if s in set(split.train_files))
-    n_test = len(split.test_files) - sum(1 for s in skipped if s in set(split.test_files))
-    return out[0], out[1], n_train, n_test, prep, skipped
+    return out[0], out[1], counts[0], counts[1], time.perf_counter() - start, skipped
+
+
+def _tfdata_prep(cfg, split, progress, row):
+    """``_tfdata``, its preparation figures recorded in ``row``."""
+    train_dec, test_dec, n_train, n_test, prep, skipped = _tfdata(cfg, split, progress)
+    row.update(data_prep_s=prep, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
+               skipped_list=";".join(skipped), channel_order="RGB")
+    return train_dec, test_dec, n_train, n_test, prep, skipped
 
 
 def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = False) -> RunResult:
@@ -201,9 +209,7 @@ def _run_tutorial(cfg, dataset, split, backbone, strategy, global_batch, num_cla
 
 
 def _run_tfdata(cfg, dataset, split, backbone, strategy, global_batch, num_classes, progress, row):
-    train_dec, test_dec, n_train, n_test, prep, skipped = _tfdata(cfg, split, global_batch, progress)
-    row.update(data_prep_s=prep, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
-               skipped_list=";".join(skipped), channel_order="RGB")
+    train_dec, test_dec, n_train, n_test, prep, skipped = _tfdata_prep(cfg, split, progress, row)
     train_ds = pipeline.train_dataset(train_dec, cfg, global_batch)
     test_ds = pipeline.eval_dataset(test_dec, cfg, global_batch)
     train_ds = distribute.maybe_data_service(train_ds, cfg)
@@ -284,9 +290,7 @@ def _run_featcache(cfg, dataset, split, backbone, strategy, global_batch, num_cl
     """Frozen backbone, no augmentation: compute each image's features once, train the head on them."""
     if cfg.fine_tune:
         raise DataError("--pipeline featcache needs a frozen backbone; drop --fine-tune or use --pipeline tfdata")
-    train_dec, test_dec, n_train, n_test, prep, skipped = _tfdata(cfg, split, global_batch, progress)
-    row.update(data_prep_s=prep, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
-               skipped_list=";".join(skipped), channel_order="RGB")
+    train_dec, test_dec, n_train, n_test, prep, skipped = _tfdata_prep(cfg, split, progress, row)
     f_train, y_train, f_test, y_test, feature_pass, test_pass = _feature_pass(backbone, train_dec, test_dec, cfg, row)
     train_ds = tf.data.Dataset.from_tensor_slices((f_train, y_train)).shuffle(len(f_train), seed=cfg.seed)
     train_ds = train_ds.batch(global_batch).prefetch(pipeline.AUTOTUNE)

@@ -127,7 +127,7 @@ def test_both_pipelines_train_and_test_on_the_same_files(synth):
     np.testing.assert_array_equal(np.rint(X_test * 255).astype(np.uint8), ref_test)
 
     # tf.data: the datasets train.run builds, from split.train_files / test_files.
-    train_dec, test_dec, n_train, n_test, _, tf_skipped = train._tfdata(cfg, s, 8, progress=False)
+    train_dec, test_dec, n_train, n_test, _, tf_skipped = train._tfdata(cfg, s, progress=False)
     assert (n_train, n_test, tf_skipped) == (len(s.train_files), len(s.test_files), [])
     for dec, X, y in ((train_dec, X_train, y_train), (test_dec, X_test, y_test)):
         got = list(dec.as_numpy_iterator())
