@@ -99,16 +99,16 @@ def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 4.0)
 def forward_flops_per_image(layer, image_size: int) -> float:
     """FLOPs of one forward pass at batch 1, counted by TensorFlow's profiler from the graph
     (functions inlined, variables frozen), not typed in."""
+    # Freezing has no public TF2 API (TF Model Garden's FLOP counter imports this one too); the
+    # profiler is public under tf.compat.v1.
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-    from tensorflow.python.profiler import model_analyzer, option_builder
 
     fn = tf.function(lambda x: layer(x, training=False))
     concrete = fn.get_concrete_function(tf.TensorSpec([1, image_size, image_size, 3], tf.float32))
     frozen = convert_variables_to_constants_v2(concrete)
-    opts = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
-    opts = opts.with_empty_output().build()
-    info = model_analyzer.profile(frozen.graph, options=opts)
-    return float(info.total_float_ops)
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    opts = builder(builder.float_operation()).with_empty_output().build()
+    return float(tf.compat.v1.profiler.profile(frozen.graph, options=opts).total_float_ops)
 
 
 def matmul_peak_flops(device: str, dtype: str, n: int = 4096, repeats: int = 3) -> float:

@@ -19,13 +19,12 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .argtypes import positive_int
+from .clikit import positive_int
 from .config import HUB_CLASSIFIER
-from .errors import DataError, ModelError, OfflineError
+from .errors import DataError, ModelError
 
 HUB_SIZE = 224
 DEFAULT_CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
-ALIASES = {"hub": HUB_CLASSIFIER, "hub-classifier": HUB_CLASSIFIER}
 
 
 def imagenet_labels() -> list[str]:
@@ -88,43 +87,28 @@ def resize(image, size: int):
 
 def resolve_classifier(handle: str, cache: Path) -> tuple[str, str]:
     """(loadable handle, weights kind) for the ImageNet classifier; 'random' exports on first use."""
-    from . import hubexport_classifier as hc
-    from .model import resolve_handle
+    from . import hubexport
+    from .model import CLASSIFICATION, resolve_handle
 
-    def export():
-        path = hc.default_path(cache)
-        if not (path / "saved_model.pb").exists():
-            print(f"exporting the offline random classifier to {path} (first use only) ...", file=sys.stderr)
-        return hc.export_random_classifier(path)
-
-    return resolve_handle(ALIASES.get(handle, handle), cache, export_random=export, what="a Hub classification URL")
+    if handle == "random" and not (hubexport.classifier_path(cache) / "saved_model.pb").exists():
+        print(f"exporting the offline random classifier to {hubexport.classifier_path(cache)} (first use only) ...",
+              file=sys.stderr)
+    return resolve_handle(handle, cache, CLASSIFICATION)
 
 
 def load_hub_classifier(handle: str):
     """hub.KerasLayer for ``handle`` after checking it outputs ImageNet logits; (layer, labels)."""
-    from .tfkeras import hub, tf
+    from .model import load_hub_layer, output_shape
 
-    try:
-        layer = hub.KerasLayer(handle, name="classifier")
-    except Exception as exc:
-        if re.match(r"^https?://", handle):
-            raise OfflineError(f"--model-handle {handle}: could not download ({type(exc).__name__}); offline, pass "
-                               "--model-handle PATH (an extracted Hub classification SavedModel) or "
-                               "--model-handle random") from None
-        raise ModelError(f"--model-handle {handle}: could not load as a Hub model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
-    try:
-        out = layer(tf.zeros([1, HUB_SIZE, HUB_SIZE, 3], tf.float32))
-    except Exception as exc:
-        raise ModelError(f"--model-handle {handle}: does not take [batch, {HUB_SIZE}, {HUB_SIZE}, 3] images "
-                         f"({type(exc).__name__})") from None
+    layer = load_hub_layer(handle, name="classifier")
+    shape = output_shape(layer, handle, HUB_SIZE, hint="pass a Hub classification model")
     labels = imagenet_labels()
-    n = int(out.shape[-1]) if len(out.shape) == 2 else -1
+    n = int(shape[-1]) if len(shape) == 2 else -1
     if n == len(labels):
         return layer, labels
     if n == len(labels) - 1:  # a 1000-class model without the background class
         return layer, labels[1:]
-    raise ModelError(f"--model-handle {handle}: outputs shape {tuple(out.shape)}, expected [batch, {len(labels)}] "
+    raise ModelError(f"--model-handle {handle}: outputs shape {shape}, expected [batch, {len(labels)}] "
                      "ImageNet logits; pass a classification model (not a feature_vector one), or use "
                      "--checkpoint for a trained flowers model")
 

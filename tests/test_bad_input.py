@@ -134,7 +134,7 @@ def test_bad_model_handle(tmp_path, make, code, needle):
 
 
 def test_classifier_handle_is_rejected_as_wrong_output(tmp_path):
-    from flowers_fast.hubexport_classifier import export_random_classifier
+    from flowers_fast.hubexport import export_random_classifier
 
     path = export_random_classifier(tmp_path / "clf", image_size=96)
     res = cli("train", "--model-handle", str(path), "--num-images", "20", "--image-size", "96", "--quiet")

@@ -166,13 +166,13 @@ def test_featcache_gives_same_logits_as_the_classifier(frozen, cfg, images):
     direct = clf.predict(x, batch_size=8, verbose=0)
     # Batch of 5: an uneven last batch goes through the same signature.
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
-    feats, labels = train.extract_features(frozen, ds, SIZE)
+    feats, labels = models.extract_features(models.feature_function(frozen, SIZE), ds)
     assert feats.shape == (len(x), 1280) and feats.dtype == np.float32
     np.testing.assert_array_equal(labels, y)
     via_cache = clf.get_layer("head")(tf.constant(feats)).numpy()
     np.testing.assert_allclose(via_cache, direct, atol=1e-4)
-    # The featcache pipeline trains train.head_model: same initial head as the classifier's.
-    head = train.head_model(5, frozen.feature_dim, cfg)
+    # The featcache pipeline trains model.head_model: same initial head as the classifier's.
+    head = models.head_model(5, frozen.feature_dim, cfg)
     np.testing.assert_allclose(head.predict(feats, verbose=0), direct, atol=1e-4)
     assert direct.std(axis=0).max() > 1e-3  # logits depend on the image
 

@@ -16,9 +16,10 @@ from flowers_fast.synthetic import CLASSES, render
 def classifier(cache):
     """The random Hub-format classifier at 224 px, exported where ``--model-handle random`` looks
     (16 calibration images instead of 64: same interface, faster)."""
-    from flowers_fast import hubexport_classifier as hc
+    from flowers_fast import hubexport
 
-    return hc.export_random_classifier(hc.default_path(cache), seed=0, image_size=224, calibration=16)
+    return hubexport.export_random_classifier(hubexport.classifier_path(cache), seed=0, image_size=224,
+                                              calibration=16)
 
 
 @pytest.fixture(scope="module")
