@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowers_fast.config import RunConfig
-from flowers_fast.errors import UserError
+from flowers_fast.errors import UserError, invoked
 
 _ALL = [
     RunConfig(name="naive", pipeline="naive"),  # the notebook: cv2 -> NumPy float64, BGR
@@ -67,7 +67,7 @@ def select(names: str | None, preset: Preset) -> list[RunConfig]:
     unknown = [n for n in chosen if n not in CONFIGS]
     if unknown:
         raise UserError(f"--configs: unknown configuration {', '.join(unknown)}; "
-                        f"known: {', '.join(CONFIGS)} (see python -m bench list)")
+                        f"known: {', '.join(CONFIGS)} (see {invoked('bench')} list)")
     return [CONFIGS[n] for n in chosen]
 
 

@@ -16,7 +16,8 @@ import argparse
 import sys
 import time
 
-from flowers_fast.cli import run_main
+from flowers_fast.clikit import OneLineParser, run_main
+from flowers_fast.errors import invoked
 
 DESCRIPTION = ("Serve the training input pipeline from other processes or hosts (tf.data service). "
                "Start one dispatcher, then workers, then train with --data-service grpc://HOST:PORT.")
@@ -88,7 +89,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench dataservice", description=DESCRIPTION)
+    parser = OneLineParser(prog=f"{invoked('bench')} dataservice", description=DESCRIPTION)
     _fill(parser)
     return parser
 

@@ -1,12 +1,20 @@
-"""The run configuration: one frozen dataclass holds every knob, and every knob reaches the CSV."""
+"""The run configuration: one frozen dataclass holds every knob, and every knob reaches the CSV.
+
+Each field is declared once, with :func:`knob`: its default, its help text, its command-line
+flag and whether ``bench run`` may override it for a whole sweep. The flags of
+``python -m flowers_fast train`` and ``python -m bench run``, the sweep overrides, the values
+checks and the CSV columns are all derived from these declarations (see ``flowers_fast.clikit``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, invoked
 
 PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "modelonly")
 DATASETS = ("synthetic", "flowers", "tfds")
@@ -20,73 +28,99 @@ HUB_FEATURE_VECTOR = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_
 HUB_CLASSIFIER = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/classification/4"
 RANDOM_HANDLE = "random"
 
+# Where a knob's flag appears: ``train`` (python -m flowers_fast train) and/or ``sweep`` (python
+# -m bench run, overriding it for every configuration of the sweep).
+TRAIN, SWEEP = "train", "sweep"
+_DATA_SERVICE = re.compile(r"^grpc://(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+
+
+def knob(default, help: str, *, flag: str | None = None, choices: tuple | None = None, minimum=None,
+         maximum=None, where: tuple[str, ...] = (TRAIN, SWEEP), group: str = "run", metavar: str | None = None):
+    """A RunConfig field with what the command lines and the checks need to know about it.
+
+    ``flag`` defaults to the field name with dashes; ``minimum``/``maximum`` bound numbers (inclusive);
+    ``where`` says which command lines offer the flag (empty: set only by configurations)."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, flag=flag, choices=choices, minimum=minimum, maximum=maximum, where=where, group=group, metavar=metavar))
+
 
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one run. Field names are CSV column names."""
 
-    name: str = "tfdata"
-    pipeline: str = "tfdata"  # naive | tutorial | tfdata | featcache | modelonly (in-memory tensors, no data)
-    device: str = "cpu"
+    name: str = knob("tfdata", "configuration name (bench names each configuration)", where=())
+    pipeline: str = knob("tfdata", "naive (the notebook: OpenCV to NumPy), tutorial (TF's tutorial), tfdata, "
+                         "featcache (frozen features once, then the head), modelonly (in-memory tensors, no data)",
+                         choices=PIPELINES, where=(TRAIN,))
+    device: str = knob("cpu", "where to train", choices=DEVICES, where=(TRAIN,))
     # data
-    dataset: str = "synthetic"
-    data_dir: str | None = None
-    num_images: int = 3670  # synthetic set size (the real set has 3670)
-    image_size: int = 224
-    test_fraction: float = 0.25
-    seed: int = 0
-    strict: bool = False  # corrupt images are an error instead of a counted skip
+    dataset: str = knob("synthetic", "synthetic (built-in, offline), flowers (flower_photos.tgz download or "
+                        "--data-dir), tfds (tensorflow-datasets tf_flowers); --data-dir alone means flowers",
+                        choices=DATASETS, group="data")
+    data_dir: str | None = knob(None, "a local class-folder dataset, e.g. an extracted flower_photos",
+                                group="data", metavar="PATH")
+    num_images: int = knob(3670, "synthetic set size (the real set has 3670)", minimum=1, group="data")
+    image_size: int = knob(224, "square input size in pixels", minimum=32, group="data")
+    test_fraction: float = knob(0.25, "share of the images held out for testing (the notebook's 0.25)",
+                                group="data")
+    seed: int = knob(0, "split, synthetic data and head initialisation seed", minimum=0, maximum=2**32 - 1,
+                     group="data")
+    strict: bool = knob(False, "undecodable images are an error instead of a counted skip", group="data")
     # model
-    model_handle: str = RANDOM_HANDLE
-    fine_tune: bool = False
-    precision: str = "fp32"  # fp32 | mixed (float16 on GPU, bfloat16 on CPU)
-    xla_step: bool = False  # jit_compile the whole train/eval step
-    xla_backbone: bool = False  # jit_compile only the backbone forward (feature pass)
+    model_handle: str = knob(RANDOM_HANDLE, "TF Hub feature-vector URL ('hub' = mobilenet_v2/feature_vector/4), "
+                             "a local Hub SavedModel folder, or 'random' (built-in offline MobileNetV2)",
+                             group="model", metavar="URL|PATH")
+    fine_tune: bool = knob(False, "train the backbone too (default: frozen)", where=(TRAIN,), group="model")
+    precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions",
+                          choices=PRECISIONS, where=(TRAIN,), group="model")
+    xla_step: bool = knob(False, "jit_compile the whole train/eval step", flag="xla", where=(TRAIN,), group="model")
+    xla_backbone: bool = knob(False, "jit_compile only the backbone forward (featcache's feature pass)",
+                              where=(TRAIN,), group="model")
     # training
-    epochs: int = 5
-    batch_size: int = 32  # per replica
-    feature_batch_size: int = 128  # featcache's one-time backbone pass: inference only, so bigger is faster
-    learning_rate: float = 1e-3
+    epochs: int = knob(5, "training epochs", minimum=1, group="training")
+    batch_size: int = knob(32, "training batch per replica", minimum=1, group="training")
+    feature_batch_size: int = knob(128, "featcache's one-time backbone pass: inference only, so bigger is faster",
+                                   minimum=1, group="training")
+    learning_rate: float = knob(1e-3, "Adam learning rate", group="training")
     # input pipeline craft
-    naive_rgb: bool = False  # the notebook feeds BGR; True fixes the channel order
-    cache: str = "memory"  # memory | file | none: where tf.data caches decoded images
-    shuffle_buffer: int = 1024
-    dct_decode: bool = False  # decode JPEGs at reduced size when >= 2x the target
-    deterministic: bool = False  # tf.data ordering for training (off is faster)
-    private_threads: int = 0  # tf.data private thread pool size, 0 = shared pool
-    breakdown: bool = True  # also measure input-only and model-only throughput
+    naive_rgb: bool = knob(False, "naive pipeline: fix the notebook's BGR channel order", flag="rgb",
+                           where=(TRAIN,), group="input pipeline")
+    cache: str = knob("memory", "where tf.data caches decoded images", choices=CACHES, group="input pipeline")
+    shuffle_buffer: int = knob(1024, "tf.data shuffle buffer (images)", minimum=1, group="input pipeline")
+    dct_decode: bool = knob(False, "decode JPEGs at reduced size in the DCT when at least 2x the target",
+                            where=(TRAIN,), group="input pipeline")
+    deterministic: bool = knob(False, "deterministic tf.data order for training (off is faster)",
+                               group="input pipeline")
+    private_threads: int = knob(0, "tf.data private thread pool size (0 = TensorFlow's shared pool)", minimum=0,
+                                group="input pipeline")
+    breakdown: bool = knob(True, "also measure input-only and model-only throughput", group="measurement")
     # scaling out
-    strategy: str = "default"
-    logical_cpus: int = 0  # >1: split the CPU into this many devices (mirrored on a CPU-only host)
-    data_service: str | None = None
+    strategy: str = knob("default", "tf.distribute strategy", choices=STRATEGIES, group="scaling out")
+    logical_cpus: int = knob(0, "split the CPU into N logical devices (with --strategy mirrored: N replicas on a "
+                             "CPU host)", minimum=0, group="scaling out", metavar="N")
+    data_service: str | None = knob(None, "tf.data service dispatcher that decodes for training (tfdata only)",
+                                    group="scaling out", metavar="grpc://HOST:PORT")
 
     def __post_init__(self) -> None:
-        checks = {
-            "pipeline": (self.pipeline, PIPELINES),
-            "dataset": (self.dataset, DATASETS),
-            "device": (self.device, DEVICES),
-            "precision": (self.precision, PRECISIONS),
-            "strategy": (self.strategy, STRATEGIES),
-            "cache": (self.cache, CACHES),
-        }
-        for flag, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise UserError(f"--{flag.replace('_', '-')} {value!r} is not one of {', '.join(allowed)}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "num_images": self.num_images,
-                    "image_size": self.image_size, "feature_batch_size": self.feature_batch_size}
-        for flag, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
+        for f in dataclasses.fields(self):
+            problem = check_value(f, getattr(self, f.name))
+            if problem:
+                raise UserError(f"{flag_of(f)} {problem}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}")
-        if self.learning_rate <= 0:
+        if not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.data_service and self.pipeline != "tfdata":
             raise UserError(f"--data-service works with --pipeline tfdata only, not {self.pipeline}")
-        if self.logical_cpus < 0:
-            raise UserError(f"--logical-cpus must be 0 or more, got {self.logical_cpus}")
-        if self.image_size < 32:
-            raise UserError(f"--image-size must be at least 32, got {self.image_size}")
+        if self.data_service:
+            data_service_address(self.data_service)
+        if self.fine_tune and self.pipeline == "featcache":
+            raise UserError("--pipeline featcache needs a frozen backbone; drop --fine-tune or use --pipeline tfdata")
+
+    @classmethod
+    def from_flags(cls, **given) -> "RunConfig":
+        """A configuration from the flags a user gave (absent = the default)."""
+        return cls(**implied(given))
 
     @property
     def mixed_dtype(self) -> str:
@@ -109,3 +143,62 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def data_service_address(address: str) -> tuple[str, int]:
+    """``grpc://HOST:PORT`` -> (host, port), or a UserError naming --data-service."""
+    m = _DATA_SERVICE.match(address or "")
+    if not m or not 1 <= int(m["port"]) <= 65535:
+        raise UserError(f"--data-service {address!r}: expected the dispatcher as grpc://HOST:PORT, e.g. "
+                        f"grpc://localhost:5050 (start it with: {invoked('bench')} dataservice dispatcher --port 5050)")
+    return m["host"].strip("[]"), int(m["port"])
+
+
+def implied(given: dict) -> dict:
+    """``given`` knob values plus what they imply: ``--data-dir`` alone means the flowers dataset."""
+    given = dict(given)
+    if given.get("data_dir") and not given.get("dataset"):
+        given["dataset"] = "flowers"
+    return given
+
+
+def knobs(where: str | None = None) -> list[dataclasses.Field]:
+    """RunConfig's fields, optionally only those offered as flags ``where`` (TRAIN or SWEEP)."""
+    return [f for f in dataclasses.fields(RunConfig) if where is None or where in f.metadata["where"]]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def kind_of(f: dataclasses.Field) -> type:
+    """The Python type of a knob's values, read from its default (``None`` defaults are text)."""
+    return str if f.default is None else type(f.default)
+
+
+def check_value(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with ``value`` for knob ``f`` (None when it is fine): type, choices, minimum,
+    and no NaN or infinity in any number."""
+    kind, meta = kind_of(f), f.metadata
+    if value is None:
+        return None if f.default is None else f"must be given, got {value!r}"
+    if kind is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        return f"must be a whole number, got {value!r}"
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+    if kind is str and not isinstance(value, str):
+        return f"must be text, got {value!r}"
+    if meta["choices"] and value not in meta["choices"]:
+        return f"{value!r} is not one of {', '.join(meta['choices'])}"
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        if meta["minimum"] == 1 and kind is int:
+            return f"must be a positive integer, got {value!r}"
+        return f"must be at least {meta['minimum']}, got {value!r}"
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        return f"must be at most {meta['maximum']}, got {value!r}"
+    return None

@@ -17,8 +17,8 @@ import re
 import socket
 import uuid
 
-from .config import RunConfig
-from .errors import DeviceError, UserError
+from .config import RunConfig, data_service_address
+from .errors import DeviceError, UserError, invoked
 from .tfkeras import tf
 
 # Set it to one new name per training run, the same on every host of a multiworker run.
@@ -35,7 +35,6 @@ JOB_ENV = "FLOWERS_FAST_DATA_SERVICE_JOB"
 # job: workers decode again every epoch (measured), unlike the local pipeline.
 PROCESSING_MODE = "distributed_epoch"
 
-_SERVICE = re.compile(r"^grpc://(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
 _ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                       '"task": {"type": "worker", "index": 0}}')
@@ -118,15 +117,6 @@ def tf_config() -> dict:
 
 # --- tf.data service ---------------------------------------------------------------------------
 
-def check_service(address: str) -> tuple[str, int]:
-    """``grpc://HOST:PORT`` -> (host, port), or a UserError naming --data-service."""
-    m = _SERVICE.match(address or "")
-    if not m or not 1 <= int(m["port"]) <= 65535:
-        raise UserError(f"--data-service {address!r}: expected the dispatcher as grpc://HOST:PORT, e.g. "
-                        "grpc://localhost:5050 (start it with: python -m bench dataservice dispatcher --port 5050)")
-    return m["host"].strip("[]"), int(m["port"])
-
-
 def _reachable(host: str, port: int, timeout: float = 5.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -156,10 +146,10 @@ def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig) -> "tf.data.Datase
     as this process, so the data must be at the same path on every worker host."""
     if not cfg.data_service:
         return ds
-    host, port = check_service(cfg.data_service)
+    host, port = data_service_address(cfg.data_service)
     if not _reachable(host, port):
         raise UserError(f"--data-service {cfg.data_service}: no dispatcher answers at {host}:{port}; start one with "
-                        f"python -m bench dataservice dispatcher --port {port}, and at least one worker")
+                        f"{invoked('bench')} dataservice dispatcher --port {port}, and at least one worker")
     return ds.apply(tf.data.experimental.service.distribute(
         processing_mode=PROCESSING_MODE, service=cfg.data_service, job_name=job_name(cfg)))
 
@@ -212,7 +202,7 @@ def worker(port: int, dispatcher_address: str, worker_address: str | None = None
     # TensorFlow would block (uninterruptibly) retrying an absent dispatcher: say so instead.
     if not _reachable(m["host"].strip("[]"), int(m["port"])):
         raise UserError(f"--dispatcher {dispatcher_address}: no dispatcher answers there; start it first with "
-                        f"python -m bench dataservice dispatcher --port {m['port']}")
+                        f"{invoked('bench')} dataservice dispatcher --port {m['port']}")
     if worker_address is None:
         local = m["host"].strip("[]") in ("localhost", "127.0.0.1", "::1")
         worker_address = f"{'localhost' if local else socket.getfqdn()}:%port%"

@@ -1,7 +1,25 @@
-"""User-facing errors: each prints as one line and exits with its own code.
+"""User-facing errors and every exit code of the project's command lines, in one place.
 
-Anything that is not a UserError is a bug and keeps its traceback.
+A UserError prints as one line and exits with its class's code; anything else is a bug and
+keeps its traceback.
+
+| code | meaning |
+| --- | --- |
+| 2 | usage: a bad flag or value |
+| 3 | data: a dataset folder or image file |
+| 4 | model: a model handle or checkpoint |
+| 5 | download: a corrupt or failed download |
+| 6 | offline: a download that needs the network |
+| 7 | device: the asked-for device is not there |
+| 8 | output: a result or figure cannot be written |
+| 9 | a sweep finished, but some configurations failed (see their rows) |
+| 130 | interrupted (Ctrl-C) |
+
+Messages that name a command name it as the user invoked it (:func:`invoked`).
 """
+
+import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -34,4 +52,16 @@ class OutputError(UserError):
     exit_code = 8
 
 
+RUN_FAILED_EXIT_CODE = 9
 INTERRUPTED_EXIT_CODE = 130
+
+
+# python -m <module>  <->  the console script pyproject installs for it
+SCRIPTS = {"bench": "flowers-bench", "flowers_fast": "flowers-fast"}
+
+
+def invoked(module: str) -> str:
+    """How the user called this command line: ``flowers-bench`` or ``python -m bench``, so that
+    messages name a command that works for them."""
+    script = SCRIPTS.get(module)
+    return script if script and Path(sys.argv[0]).name == script else f"python -m {module}"

@@ -1,0 +1,84 @@
+"""What every command line of the project shares: one-line usage errors, flags generated from
+RunConfig's knob declarations, and ``run_main``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import SWEEP, check_value, flag_of, kind_of, knobs
+from .errors import INTERRUPTED_EXIT_CODE, UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes print one line naming the flag (not the whole usage block), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _parse(f: dataclasses.Field):
+    """argparse ``type`` for knob ``f``: convert, then the knob's own checks."""
+    kind = kind_of(f)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = {int: "a whole number", float: "a number"}.get(kind, kind.__name__)
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        problem = check_value(f, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_knob_flags(parser: argparse.ArgumentParser, where: str) -> None:
+    """One flag per RunConfig knob offered ``where`` (config.TRAIN or config.SWEEP), grouped as
+    declared. Absent flags stay out of the namespace: the configuration's value stands."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in knobs(where):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        shown = "default: off" if f.default is False else "default: on" if f.default is True else \
+            f"default: {f.default}" if f.default is not None else "default: unset"
+        if where == SWEEP:
+            shown = "default: the preset's or configuration's"
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta['help']} ({shown})")
+        if kind_of(f) is bool:
+            group.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, **common)
+        else:
+            group.add_argument(flag_of(f), type=_parse(f), choices=meta["choices"],
+                               metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()), **common)
+
+
+def given_knobs(args: argparse.Namespace, where: str) -> dict:
+    """The knob values the user gave on the command line (see add_knob_flags)."""
+    return {f.name: getattr(args, f.name) for f in knobs(where) if hasattr(args, f.name)}
+
+
+def run_main(parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse, run, and turn user mistakes into one line and a distinct exit code."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
