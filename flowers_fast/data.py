@@ -110,9 +110,8 @@ def _tfds_folder(cache: Path) -> Path:
         return root
     import os
     import shutil
-    import tempfile
-
     import socket
+    import tempfile
 
     import tensorflow_datasets as tfds
 

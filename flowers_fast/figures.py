@@ -126,3 +126,14 @@ def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequen
     fig.suptitle(f"true / predicted ({len(chosen)} of {count} test images, {shown_wrong} wrong shown in red)",
                  fontsize=10)
     return save_figure(fig, Path(out_path))
+
+
+def run_figures(result, folder: str | Path, stem: str) -> list[Path]:
+    """The notebook's pictures for one trained run (a ``train.RunResult``): the confusion matrix
+    (CSV, PNG) and, when the test files are known, the grid of test predictions."""
+    folder = Path(folder)
+    written = list(confusion_matrix(result.y_true, result.y_pred, result.classes, folder, stem))
+    if result.test_files:
+        written.append(prediction_grid(result.test_files, result.y_true, result.y_pred, result.classes,
+                                       folder / f"{stem}-predictions.png"))
+    return written

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import RunConfig
+from .errors import DataError
 from .tfkeras import keras, tf
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -58,6 +63,49 @@ def decode_dataset(files, labels, cfg: RunConfig, with_path: bool = False) -> "t
     return ds.ignore_errors()
 
 
+@dataclass
+class Decoded:
+    """The train and test images decoded and cached once: (uint8 image, label) datasets, the
+    counts kept, the files that could not be decoded, and the seconds it took."""
+
+    train: "tf.data.Dataset"
+    test: "tf.data.Dataset"
+    n_train: int
+    n_test: int
+    skipped: list
+    seconds: float
+
+
+def prepare(cfg: RunConfig, split, progress: bool) -> Decoded:
+    """Decode, resize and cache both parts of the split in one first pass each, which also finds
+    the undecodable files (a DataError with --strict)."""
+    start = time.perf_counter()
+    out, counts, skipped = [], [], []
+    for part, files, labels in (("train", split.train_files, split.train_labels),
+                                ("test", split.test_files, split.test_labels)):
+        decoded = cached(decode_dataset(files, labels, cfg, with_path=True), cfg, part)
+        part_skipped = _first_pass(decoded, files, cfg.strict, progress, part)
+        skipped += part_skipped
+        counts.append(len(files) - len(part_skipped))
+        out.append(decoded.map(lambda image, label, path: (image, label)))
+    return Decoded(out[0], out[1], counts[0], counts[1], skipped, time.perf_counter() - start)
+
+
+def _first_pass(decoded, files, strict: bool, progress: bool, label: str) -> list[str]:
+    """Iterate the (image, label, path) dataset once: fills the cache and finds undecodable files."""
+    seen = set()
+    for _, _, paths in tqdm(decoded.batch(256), desc=f"{label}: decode+cache", unit="batch", disable=not progress,
+                            leave=False):
+        seen.update(p.decode() for p in paths.numpy())
+    skipped = sorted(set(files) - seen)
+    if skipped and strict:
+        raise DataError(f"{skipped[0]}: cannot be decoded as an image ({len(skipped)} such files); remove them or "
+                        "drop --strict to skip them")
+    if len(seen) == 0:
+        raise DataError("no image in the dataset could be decoded; check --data-dir")
+    return skipped
+
+
 def options(cfg: RunConfig, training: bool) -> "tf.data.Options":
     opts = tf.data.Options()
     opts.autotune.enabled = True
@@ -86,6 +134,13 @@ def train_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) -
 
 def eval_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) -> "tf.data.Dataset":
     return decoded.batch(batch_size).prefetch(AUTOTUNE).with_options(options(cfg, training=False))
+
+
+def feature_datasets(f_train, y_train, f_test, y_test, cfg: RunConfig, batch_size: int):
+    """featcache's head training data: in-memory features, shuffled each epoch, batched."""
+    train = tf.data.Dataset.from_tensor_slices((f_train, y_train)).shuffle(len(f_train), seed=cfg.seed)
+    test = tf.data.Dataset.from_tensor_slices((f_test, y_test))
+    return train.batch(batch_size).prefetch(AUTOTUNE), test.batch(batch_size)
 
 
 def tutorial_datasets(split, classes, cfg: RunConfig, batch_size: int, workdir: Path):

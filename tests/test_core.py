@@ -109,8 +109,6 @@ def test_split_rejects_too_few_images():
 
 
 def test_both_pipelines_train_and_test_on_the_same_files(synth):
-    from flowers_fast import train
-
     s = data.split(synth, 0.25, seed=0)
     assert data.split(synth, 0.25, seed=0) == s
     cfg = RunConfig(image_size=SIZE, num_images=len(synth))
@@ -127,9 +125,9 @@ def test_both_pipelines_train_and_test_on_the_same_files(synth):
     np.testing.assert_array_equal(np.rint(X_test * 255).astype(np.uint8), ref_test)
 
     # tf.data: the datasets train.run builds, from split.train_files / test_files.
-    train_dec, test_dec, n_train, n_test, _, tf_skipped = train._tfdata(cfg, s, progress=False)
-    assert (n_train, n_test, tf_skipped) == (len(s.train_files), len(s.test_files), [])
-    for dec, X, y in ((train_dec, X_train, y_train), (test_dec, X_test, y_test)):
+    dec = pipeline.prepare(cfg, s, progress=False)
+    assert (dec.n_train, dec.n_test, dec.skipped) == (len(s.train_files), len(s.test_files), [])
+    for dec, X, y in ((dec.train, X_train, y_train), (dec.test, X_test, y_test)):
         got = list(dec.as_numpy_iterator())
         assert [int(lab) for _, lab in got] == list(y)
         images = np.stack([img for img, _ in got]).astype(np.float64)
