@@ -3,15 +3,13 @@ as ratios measured in the same run. ``python -m bench.gpu_check CSV --device gpu
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pandas as pd
 
+from flowers_fast.clikit import OneLineParser, run_main
 
-def _median(df, name, column):
-    rows = df[(df["name"] == name) & (df["status"] == "ok")]
-    return float(rows[column].median()) if len(rows) and column in rows else float("nan")
+from .results import load, median
 
 
 def checks(df: pd.DataFrame, device: str) -> list[tuple[str, bool, str]]:
@@ -23,16 +21,16 @@ def checks(df: pd.DataFrame, device: str) -> list[tuple[str, bool, str]]:
         if len(rows):
             dtype = str(rows["compute_dtype"].iloc[0])
             out.append((f"{name}: backbone convolutions run in {want}", want in dtype, f"compute_dtype={dtype}"))
-    fp32, mixed = _median(df, "modelonly", "model_only_img_s"), _median(df, "modelonly-mixed", "model_only_img_s")
+    fp32, mixed = median(df, "modelonly", "model_only_img_s"), median(df, "modelonly-mixed", "model_only_img_s")
     out.append(("mixed precision model-only >= 1.5x fp32", mixed / fp32 >= 1.5,
                 f"{mixed:.0f} vs {fp32:.0f} img/s = {mixed / fp32:.2f}x"))
     for name in ("featcache", "tfdata"):
-        frac = _median(df, name, "e2e_fraction_of_model")
+        frac = median(df, name, "e2e_fraction_of_model")
         if frac == frac:
             out.append((f"{name}: end-to-end >= 90% of model-only", frac >= 0.9, f"{frac:.0%}"))
     for name in ("modelonly-xla", "modelonly-mixed-xla"):
-        rate = _median(df, name, "model_only_img_s")
-        base = _median(df, name.replace("-xla", ""), "model_only_img_s")
+        rate = median(df, name, "model_only_img_s")
+        base = median(df, name.replace("-xla", ""), "model_only_img_s")
         if rate == rate:
             out.append((f"{name}: XLA vs no XLA (reported, not judged)", True, f"{rate / base:.2f}x"))
     errors = df[df["status"] != "ok"]
@@ -41,22 +39,21 @@ def checks(df: pd.DataFrame, device: str) -> list[tuple[str, bool, str]]:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check")
-    parser.add_argument("csv")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
-    args = parser.parse_args(argv)
-    try:
-        df = pd.read_csv(args.csv)
-    except (OSError, pd.errors.ParserError) as exc:
-        print(f"gpu_check: {args.csv}: cannot read ({exc})", file=sys.stderr)
-        return 3
-    results = checks(df, args.device)
+def cmd_check(args) -> int:
+    results = checks(load(args.csv), args.device)
     for label, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'}  {label}: {detail}")
     # On CPU the targets are GPU targets: report them, fail only if something did not run.
     judged = results if args.device == "gpu" else [r for r in results if "finished" in r[0] or "runs in" in r[0]]
     return 0 if all(ok for _, ok, _ in judged) else 1
+
+
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="python -m bench.gpu_check")
+    parser.add_argument("csv", help="a bench run CSV, e.g. OUT_DIR/latest.csv")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu", help="(default: gpu)")
+    parser.set_defaults(func=cmd_check)
+    return run_main(parser, argv)
 
 
 if __name__ == "__main__":

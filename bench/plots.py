@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from flowers_fast.figures import save_figure
 
-from .report import _ordered, KNOWN_ORDER, _values, medians, normalise
+from .results import DEVICE_ORDER, ORDER, medians, normalise, ordered, values
 
 DEVICE_COLOURS = {"cpu": "#4C72B0", "gpu": "#55A868"}
 STAGE_COLOURS = {"input_only_img_s": "#8172B2", "model_only_img_s": "#C44E52", "end_to_end_img_s": "#DD8452"}
@@ -26,7 +26,7 @@ STAGE_LABELS = {"input_only_img_s": "input only", "model_only_img_s": "model onl
 
 def _subtitle(df: pd.DataFrame) -> str:
     ok = df[df["status"] == "ok"]
-    return f"data: {_values(ok, 'dataset')}, weights: {_values(ok, 'weights')}"
+    return f"data: {values(ok, 'dataset')}, weights: {values(ok, 'weights')}"
 
 
 def write_plots(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
@@ -43,8 +43,8 @@ def write_plots(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
 
 def _speed(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
-    names = _ordered(med["name"], KNOWN_ORDER)
-    devs = _ordered(med["device"], ("cpu", "gpu"))
+    names = ordered(med["name"], ORDER)
+    devs = ordered(med["device"], DEVICE_ORDER)
     x = np.arange(len(names))
     width = 0.8 / len(devs)
     fig = Figure(figsize=(max(8.0, 1.0 * len(names) + 3), 8.5), layout="constrained")
@@ -75,17 +75,17 @@ def _speed(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
 
 
 def _stages(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
-    devs = _ordered(med["device"], ("cpu", "gpu"))
+    devs = ordered(med["device"], DEVICE_ORDER)
     stages = list(STAGE_COLOURS)
     fig = Figure(figsize=(max(8.0, 1.0 * med["name"].nunique() + 3), 4.5 * len(devs)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(devs), 1, squeeze=False)[:, 0])
     for ax, dev in zip(axes, devs):
         d = med[med["device"] == dev].set_index("name")
-        d = d.reindex(_ordered(d.index, KNOWN_ORDER))
+        d = d.reindex(ordered(d.index, ORDER))
         x = np.arange(len(d))
         width = 0.8 / len(stages)
-        values = d[stages].to_numpy(dtype=float)
-        finite = values[np.isfinite(values) & (values > 0)]
+        rates = d[stages].to_numpy(dtype=float)
+        finite = rates[np.isfinite(rates) & (rates > 0)]
         log = finite.size > 0 and finite.max() / finite.min() > 20
         for i, stage in enumerate(stages):
             heights = d[stage].to_numpy(dtype=float)
@@ -97,7 +97,7 @@ def _stages(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
         ax.set_xticklabels(list(d.index), rotation=30, ha="right")
         ax.set_xlabel("configuration")
         ax.set_ylabel("images/s" + (" (log scale)" if log else ""))
-        ax.set_title(f"{dev} ({_values(d.reset_index(), 'device_name')}): where the time goes", fontsize=10)
+        ax.set_title(f"{dev} ({values(d.reset_index(), 'device_name')}): where the time goes", fontsize=10)
         ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
         ax.legend(fontsize=8)
     fig.suptitle(f"Per-stage throughput: input pipeline vs model vs end to end ({subtitle})")

@@ -14,9 +14,9 @@ import shlex
 
 import pandas as pd
 
-from flowers_fast.errors import DataError, UserError
+from flowers_fast.errors import DataError, UserError, invoked
 
-from .report import DEFAULT_CSV, load, medians
+from .results import DEFAULT_CSV, load, medians, text
 
 # objective -> (column, larger is better, words, unit)
 OBJECTIVES = {
@@ -110,35 +110,32 @@ def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
     return row, reason, command_for(row, device)
 
 
+def _text_of(row: pd.Series, col: str) -> str:
+    return text(row.get(col, ""))
+
+
 def command_for(row: pd.Series, device: str) -> str:
     """The ``python -m bench run`` line that reruns configuration ``row`` on ``device``."""
-    parts = ["python", "-m", "bench", "run", "--device", device, "--configs", str(row["name"])]
-    preset = _value(row, "preset")
+    parts = invoked("bench").split() + ["run", "--device", device, "--configs", str(row["name"])]
+    preset = _text_of(row, "preset")
     if preset:
         parts += ["--preset", preset]
-    dataset = _value(row, "dataset")
+    dataset = _text_of(row, "dataset")
     if dataset:
         parts += ["--dataset", dataset]
     for flag, col in (("--epochs", "epochs"), ("--batch-size", "batch_size")):
-        value = _value(row, col)
+        value = _text_of(row, col)
         if value:
             parts += [flag, str(int(float(value)))]
     if dataset == "synthetic":
-        value = _value(row, "num_images")
+        value = _text_of(row, "num_images")
         if value:
             parts += ["--num-images", str(int(float(value)))]
     for flag, col in (("--data-dir", "data_dir"), ("--model-handle", "model_handle")):
-        value = _value(row, col)
+        value = _text_of(row, col)
         if value:
             parts += [flag, value]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def _value(row: pd.Series, col: str) -> str:
-    value = row.get(col, "")
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return ""
-    return str(value).strip()
 
 
 def cmd_recommend(args) -> int:

@@ -14,144 +14,15 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
-from flowers_fast.errors import DataError, OutputError
+from flowers_fast.errors import OutputError
 
-DEFAULT_CSV = "results/latest.csv"
-KNOWN_ORDER = ("naive", "naive-rgb", "tutorial", "tfdata", "tfdata-dct", "tfdata-mixed", "tfdata-xla",
-               "tfdata-mixed-xla", "featcache", "featcache-mixed", "featcache-xla")
-DEVICE_ORDER = ("cpu", "gpu")
-# Without these a CSV is not a results file; the other contract columns are filled with blanks.
-REQUIRED = ("name", "device", "status", "test_accuracy", "steady_epoch_s", "total_s", "train_img_s")
-METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s",
-           "steady_epoch_max_s", "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
-           "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s")
-TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "precision", "compute_dtype",
-        "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir")
-# Per-configuration settings carried into the medians table (first ok repeat's value).
-SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data_dir", "model_handle", "epochs",
-            "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version")
+from .plots import write_plots
+from .results import DEFAULT_CSV, devices, load, medians, text, truthy, values
+
 UNITS = "accuracy %, times s, throughput img/s, memory MB"
-
-
-# --- loading ----------------------------------------------------------------------------------
-
-def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Every row of every CSV in ``paths`` (e.g. a CPU run and a GPU run from different
-    machines), exact duplicate rows dropped. Raises DataError naming the file on bad input."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    paths = [Path(p) for p in paths] or [Path(DEFAULT_CSV)]
-    frames = [_read_one(p) for p in paths]
-    df = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
-    df = df.drop_duplicates(ignore_index=True)
-    return normalise(df)
-
-
-def _read_one(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        hint = "; run `python -m bench run` first" if path == Path(DEFAULT_CSV) else ""
-        what = "a folder, not a CSV file" if path.is_dir() else "no such CSV file"
-        raise DataError(f"{path}: {what}{hint}")
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file, not a bench results CSV") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a readable CSV ({first})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: not a bench results CSV (missing column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)})")
-    return df
-
-
-def normalise(df: pd.DataFrame) -> pd.DataFrame:
-    """Contract columns present (blank if absent), metrics numeric, text columns clean strings."""
-    df = df.copy()
-    for col in METRICS:
-        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else float("nan")
-    for col in TEXT + ("name", "device", "status"):
-        if col not in df.columns:
-            df[col] = ""
-        df[col] = df[col].map(_text)
-    df["status"] = df["status"].str.lower()
-    df["naive_rgb"] = df["naive_rgb"].map(_truthy) if "naive_rgb" in df.columns else False
-    for col in ("epochs", "batch_size", "num_images", "image_size", "repeat"):
-        if col not in df.columns:
-            df[col] = pd.NA
-    df["acc_pct"] = accuracy_percent(df["test_accuracy"])
-    return df
-
-
-def _text(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return ""
-    return str(value).strip()
-
-
-def _truthy(value) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    return bool(value)
-
-
-def accuracy_percent(acc: pd.Series) -> pd.Series:
-    """Accuracy in percent: the CSV's fractions times 100 (values already above 1 are percent)."""
-    acc = pd.to_numeric(acc, errors="coerce")
-    return acc * 100.0 if acc.dropna().le(1.0).all() else acc
-
-
-# --- medians over repeats -----------------------------------------------------------------------
-
-def _ordered(names: Iterable[str], order: Iterable[str]) -> list[str]:
-    names = list(dict.fromkeys(names))
-    known = [n for n in order if n in names]
-    return known + [n for n in names if n not in known]
-
-
-def devices(df: pd.DataFrame) -> list[str]:
-    return _ordered(df["device"], DEVICE_ORDER)
-
-
-def medians(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (device, name): medians over the ok repeats of every metric, spreads
-    (``*_lo``/``*_hi``: min/max over ok repeats), ``n_ok``/``n_failed``, failure statuses, and the
-    configuration's settings. Configurations with no ok repeat are kept with blank metrics."""
-    if "acc_pct" not in df.columns:
-        df = normalise(df)
-    rows = []
-    for device in devices(df):
-        on_device = df[df["device"] == device]
-        for name in _ordered(on_device["name"], KNOWN_ORDER):
-            runs = on_device[on_device["name"] == name]
-            ok = runs[runs["status"] == "ok"]
-            failed = runs[runs["status"] != "ok"]
-            source = ok if len(ok) else runs
-            row = {"device": device, "name": name, "n_ok": len(ok), "n_failed": len(failed),
-                   "failures": "; ".join(f"{s or 'unknown'}: {e}" if e else (s or "unknown")
-                                         for s, e in zip(failed["status"], failed["error"]))}
-            for col in METRICS + ("acc_pct",):
-                values = ok[col].dropna()
-                row[col] = float(values.median()) if len(values) else float("nan")
-                row[col + "_lo"] = float(values.min()) if len(values) else float("nan")
-                row[col + "_hi"] = float(values.max()) if len(values) else float("nan")
-            modes = ok["bottleneck"][ok["bottleneck"] != ""].mode()
-            row["bottleneck"] = str(modes.iloc[0]) if len(modes) else ""
-            for col in SETTINGS:
-                values = source[col].dropna() if col in source.columns else pd.Series([], dtype=object)
-                values = values[values.astype(str) != ""]
-                row[col] = values.iloc[0] if len(values) else ""
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 # --- the per-device tables ----------------------------------------------------------------------
@@ -181,7 +52,7 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "bottleneck": m["bottleneck"],
             "ok": m["n_ok"].astype(int),
             "errors": m["n_failed"].astype(int),
-            "channels": m["channel_order"].map(_text),
+            "channels": m["channel_order"].map(text),
         }, index=pd.Index(m.index, name="config"))
         table.attrs["device"] = device
         table.attrs["header"] = _header(df[df["device"] == device], device)
@@ -211,22 +82,15 @@ def _span(lo, hi, digits: int | None = None) -> str:
     return f"{fmt(lo)}–{fmt(hi)}"
 
 
-def _shorten(text: str, limit: int = 160) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _values(df: pd.DataFrame, col: str) -> str:
-    if col not in df.columns:
-        return "?"
-    vals = [v for v in dict.fromkeys(df[col].map(_text)) if v]
-    return ", ".join(vals) if vals else "?"
+def _shorten(message: str, limit: int = 160) -> str:
+    return message if len(message) <= limit else message[: limit - 1] + "…"
 
 
 def _header(rows: pd.DataFrame, device: str) -> str:
     ok = rows[rows["status"] == "ok"]
     rows = ok if len(ok) else rows
-    return (f"device {device} ({_values(rows, 'device_name')}) | data {_values(rows, 'dataset')} | "
-            f"weights {_values(rows, 'weights')} | TF {_values(rows, 'tf_version')} | units: {UNITS}")
+    return (f"device {device} ({values(rows, 'device_name')}) | data {values(rows, 'dataset')} | "
+            f"weights {values(rows, 'weights')} | TF {values(rows, 'tf_version')} | units: {UNITS}")
 
 
 def rgb_gain_line(m: pd.DataFrame) -> str:
@@ -237,8 +101,8 @@ def rgb_gain_line(m: pd.DataFrame) -> str:
         naive = ok[ok["pipeline"].astype(str) == "naive"]
     else:
         naive = ok[ok.index.isin(["naive", "naive-rgb"])]
-    bgr = [n for n in naive.index if not _truthy(naive.loc[n, "naive_rgb"]) and n != "naive-rgb"]
-    rgb = [n for n in naive.index if _truthy(naive.loc[n, "naive_rgb"]) or n == "naive-rgb"]
+    bgr = [n for n in naive.index if not truthy(naive.loc[n, "naive_rgb"]) and n != "naive-rgb"]
+    rgb = [n for n in naive.index if truthy(naive.loc[n, "naive_rgb"]) or n == "naive-rgb"]
     if not bgr or not rgb:
         return ""
     b = "naive" if "naive" in bgr else bgr[0]
@@ -276,7 +140,7 @@ def formatted(table: pd.DataFrame) -> pd.DataFrame:
     """The table as display strings (numbers rounded, NaN blank), configuration as a column."""
     out = pd.DataFrame(index=table.index)
     for col in table.columns:
-        fmt = FORMATS.get(col, _num if pd.api.types.is_numeric_dtype(table[col]) else _text)
+        fmt = FORMATS.get(col, _num if pd.api.types.is_numeric_dtype(table[col]) else text)
         out[col] = table[col].map(fmt)
     return out.reset_index()
 
@@ -293,10 +157,10 @@ def render_console(tables: dict[str, pd.DataFrame]) -> str:
 def pipe_table(df: pd.DataFrame) -> str:
     """A DataFrame of strings as a GitHub Markdown pipe table (numbers right-aligned)."""
     def cell(value) -> str:
-        return _text(value).replace("|", "\\|").replace("\n", " ")
+        return text(value).replace("|", "\\|").replace("\n", " ")
 
     cols = [str(c) for c in df.columns]
-    numeric = [bool(len(df)) and all(_looks_numeric(v) for v in df[c] if _text(v)) for c in df.columns]
+    numeric = [bool(len(df)) and all(_looks_numeric(v) for v in df[c] if text(v)) for c in df.columns]
     lines = ["| " + " | ".join(cell(c) for c in cols) + " |",
              "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
     for _, row in df.iterrows():
@@ -305,9 +169,9 @@ def pipe_table(df: pd.DataFrame) -> str:
 
 
 def _looks_numeric(value) -> bool:
-    text = _text(value).rstrip("x").replace("–", "", 1)
+    shown = text(value).rstrip("x").replace("–", "", 1)
     try:
-        float(text)
+        float(shown)
         return True
     except ValueError:
         return False
@@ -338,8 +202,6 @@ def cmd_report(args) -> int:
             raise OutputError(f"--markdown {target}: cannot write ({exc.strerror or exc})") from None
         print(f"\nmarkdown: {target}")
     if args.plot:
-        from .plots import write_plots
-
         written = write_plots(df, paths[0].parent)
         if written:
             print("plots: " + ", ".join(str(p) for p in written))

@@ -22,17 +22,20 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from flowers_fast.config import RunConfig
-from flowers_fast.errors import INTERRUPTED_EXIT_CODE, DeviceError, OutputError, UserError
+from flowers_fast.clikit import given_knobs
+from flowers_fast.config import SWEEP, RunConfig, implied
+from flowers_fast.download import cache_dir
+from flowers_fast.errors import (
+    INTERRUPTED_EXIT_CODE,
+    RUN_FAILED_EXIT_CODE,
+    DeviceError,
+    OutputError,
+    UserError,
+    invoked,
+)
 
 from . import configs as configs_mod
-
-# Leading CSV columns; the rest follow in the order they first appear.
-LEADING = ["run_id", "preset", "name", "device", "repeat", "status", "error", "pipeline", "dataset", "weights",
-           "precision", "compute_dtype", "xla_step", "xla_backbone", "channel_order", "test_accuracy", "test_loss",
-           "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s", "steady_epoch_max_s",
-           "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s", "model_only_img_s",
-           "e2e_fraction_of_model", "bottleneck", "peak_rss_mb", "peak_gpu_mb"]
+from .results import LEADING
 
 
 def git_commit() -> str:
@@ -125,11 +128,18 @@ def _die_with_parent() -> None:
 
 
 def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interactive: bool = False,
-            worker: str = "bench.worker") -> dict:
-    """One configuration in a subprocess; every way it can end becomes a row."""
+            worker: str = "bench.worker", figures: Path | None = None, cache: Path | None = None) -> dict:
+    """One configuration in a subprocess; every way it can end becomes a row.
+
+    The worker gets one job document (``bench.worker`` reads it): the configuration, where to
+    write its result, whether to draw progress bars, the cache folder, and the figures folder."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", worker, cfg.to_json(), str(out)]
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"config": cfg.to_dict(), "result": str(out), "progress": interactive,
+                                   "cache": str(cache) if cache else None,
+                                   "figures": str(figures) if figures else None}))
+        cmd = [sys.executable, "-m", worker, str(job)]
         start = time.perf_counter()
         with open(log_path, "w") as log:
             # Its own session: a timeout kills the whole worker tree, not us. On a terminal its
@@ -174,15 +184,9 @@ def plan(args) -> tuple[list[str], list[str]]:
 
 def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
     preset = configs_mod.PRESETS[args.preset]
-    overrides = dict(preset.overrides)
-    for flag in ("dataset", "data_dir", "model_handle", "epochs", "batch_size", "num_images", "strategy",
-                 "logical_cpus", "data_service", "seed"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides[flag] = value
-    if overrides.get("data_dir") and not getattr(args, "dataset", None):
-        overrides["dataset"] = "flowers"
-    if overrides.get("model_handle", "random") != "random" and args.preset == "smoke":
+    given = given_knobs(args, SWEEP)
+    overrides = {**preset.overrides, **implied(given)}
+    if overrides.get("model_handle", "random") != "random" and args.preset == "smoke" and "image_size" not in given:
         overrides["image_size"] = 224  # a real Hub model has a fixed 224 input
     chosen = configs_mod.select(args.configs, preset)
     return preset, [c.replace(**overrides) for c in chosen]
@@ -192,8 +196,10 @@ def execute(args) -> int:
     out = Path(args.out)
     if args.resume:
         run_id, path, saved = _resume_target(out, args.resume)
+        out = path.parent  # a resumed run writes only beside the CSV it resumes
         for key, value in saved.items():
-            setattr(args, key, value)
+            if value is not None and key not in ("out", "resume"):
+                setattr(args, key, value)
     # Every mistake is found before anything is written.
     preset, cfgs = sweep_configs(args)
     devices, skipped = plan(args)
@@ -215,7 +221,7 @@ def execute(args) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     interactive = sys.stderr.isatty()
-    env.setdefault("FLOWERS_FAST_PROGRESS", "1" if interactive else "0")
+    cache = cache_dir()
     figures = out / "figures" / run_id
     common = dict(run_id=run_id, preset=args.preset, git_commit=git_commit(),
                   python_version=platform.python_version(), host_cpu_count=os.cpu_count())
@@ -225,15 +231,15 @@ def execute(args) -> int:
     for cfg, k in bar:
         bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
         stem = f"{cfg.name}-{cfg.device}-r{k}"
-        job_env = dict(env, FLOWERS_FAST_FIGURES=str(figures / stem)) if args.figures else env
         base = {**common, **cfg.to_dict(), "repeat": k,
                 "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
-            row = run_one(cfg, timeout_s, logs / f"{stem}.log", job_env, interactive)
+            row = run_one(cfg, timeout_s, logs / f"{stem}.log", env, interactive,
+                          figures=figures / stem if args.figures else None, cache=cache)
         except KeyboardInterrupt:
             results.add({**base, "status": "interrupted", "error": "Ctrl-C during this configuration"})
             print(f"\nbench: interrupted; {len(results.rows)} rows kept in {path}; "
-                  f"continue with: python -m bench run --resume {path}", file=sys.stderr)
+                  f"continue with: {invoked('bench')} run --resume {path}", file=sys.stderr)
             return INTERRUPTED_EXIT_CODE
         results.add({**base, **row})
         if not interactive:
@@ -241,32 +247,19 @@ def execute(args) -> int:
     bar.close()
     print(summary_table(pd.DataFrame(results.rows)))
     print(f"\nresults: {path} (also {out / 'latest.csv'})")
-    return 0 if all(r.get("status") == "ok" for r in results.rows) else 9
+    return 0 if all(r.get("status") == "ok" for r in results.rows) else RUN_FAILED_EXIT_CODE
 
 
 def summary_table(df: pd.DataFrame) -> str:
     """The screen table: one row per configuration and device, medians over repeats, speed-up vs naive."""
-    try:
-        from .report import render_console, summarise
-    except ImportError:
-        summarise = None
-    if summarise is not None:
-        try:
-            return render_console(summarise(df))
-        except Exception:  # the report is a nicety here; the CSV is the result
-            pass
-    cols = ["name", "device", "status", "test_accuracy", "data_prep_s", "steady_epoch_s", "total_s", "train_img_s",
-            "peak_rss_mb", "bottleneck"]
-    df = df[[c for c in cols if c in df.columns]].copy()
-    return df.to_string(index=False)
+    from .report import render_console, summarise
 
-
-SWEEP_KEYS = ("preset", "device", "dataset", "data_dir", "model_handle", "configs", "epochs", "batch_size",
-              "num_images", "repeats", "timeout", "strategy", "logical_cpus", "data_service", "seed", "figures")
+    return render_console(summarise(df))
 
 
 def _sweep_args(args) -> dict:
-    return {k: getattr(args, k, None) for k in SWEEP_KEYS}
+    """What defines the sweep, saved beside its CSV so that --resume can run the same one."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
 
 
 def _resume_target(out: Path, resume: str) -> tuple[str, Path, dict]:
@@ -274,7 +267,7 @@ def _resume_target(out: Path, resume: str) -> tuple[str, Path, dict]:
     if resume == "latest":
         runs = sorted(out.glob("run-*.json"), key=lambda p: p.stat().st_mtime)
         if not runs:
-            raise UserError(f"--resume: no earlier run under {out}; start one with python -m bench run")
+            raise UserError(f"--resume: no earlier run under {out}; start one with {invoked('bench')} run")
         meta = runs[-1]
     else:
         meta = Path(resume).with_suffix(".json")

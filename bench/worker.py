@@ -1,8 +1,10 @@
 """Run one configuration in this process and write its result row as JSON.
 
-``python -m bench.worker CONFIG_JSON OUT_JSON``: the sweep starts one of these per
+``python -m bench.worker JOB_JSON``: the sweep (``bench.run.run_one``) starts one of these per
 configuration x device x repeat, because precision policy, XLA and visible devices are
-process-global in TensorFlow, and so that peak memory is this configuration's alone.
+process-global in TensorFlow, and so that peak memory is this configuration's alone. The job
+document holds everything the worker needs: ``config`` (RunConfig fields), ``result`` (where
+the row goes), ``progress``, ``cache`` and ``figures`` (a folder, or null).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import sys
 import traceback
 from pathlib import Path
+
+from flowers_fast.errors import INTERRUPTED_EXIT_CODE, UserError
 
 
 def _write(out: Path, row: dict) -> None:
@@ -38,52 +42,37 @@ def hardware_row(cfg, backbone_layer, row: dict) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    config_json, out = argv[0], Path(argv[1])
-    from flowers_fast.config import RunConfig
-
-    cfg = RunConfig.from_json(config_json)
-    from flowers_fast import runtime
-
+    job = json.loads(Path(argv[0]).read_text())
+    out = Path(job["result"])
     try:
+        from flowers_fast.config import RunConfig
+
+        cfg = RunConfig(**job["config"])
+        from flowers_fast import runtime
+
         runtime.setup(cfg)
-        from flowers_fast import train
+        from flowers_fast import figures, train
         from flowers_fast.download import cache_dir
         from flowers_fast.tfkeras import tf
 
-        progress = os.environ.get("FLOWERS_FAST_PROGRESS", "1") == "1"
-        result = train.run(cfg, cache_dir(), progress=progress, keep_model=cfg.breakdown)
+        result = train.run(cfg, cache_dir(job.get("cache")), progress=job.get("progress", False),
+                           keep_model=cfg.breakdown)
         row = dict(result.row)
         if cfg.breakdown and result.backbone is not None:
             row.update(hardware_row(cfg, result.backbone.layer, row))
         row.update(status="ok", error="", device_name=runtime.device_name(cfg.device), tf_version=tf.__version__)
-        figures_dir = os.environ.get("FLOWERS_FAST_FIGURES")
-        if figures_dir:
-            _figures(result, Path(figures_dir))
+        if job.get("figures"):
+            figures.run_figures(result, Path(job["figures"]), Path(job["figures"]).name)
         _write(out, row)
         return 0
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED_EXIT_CODE
     except Exception as exc:  # recorded as a result row, not a crash of the sweep
-        from flowers_fast.errors import UserError
-
         if not isinstance(exc, UserError):
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _write(out, {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500]})
         return getattr(exc, "exit_code", 1)
-
-
-def _figures(result, folder: Path) -> None:
-    try:
-        from flowers_fast import figures
-    except ImportError:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder.name
-    figures.confusion_matrix(result.y_true, result.y_pred, result.classes, folder, stem)
-    if result.test_files:
-        figures.prediction_grid(result.test_files, result.y_true, result.y_pred, result.classes,
-                                folder / f"{stem}-predictions.png")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The sweep: CSV validity, isolation of failures, kill/resume, Ctrl-C, and user mistakes."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,0 +1,170 @@
+"""Bench results as tables: loading result CSVs, normalising their columns and units, ordering
+configurations and devices, and medians over repeats. ``report``, ``plots``, ``recommend`` and
+``gpu_check`` all read results through this module.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from flowers_fast.errors import DataError, invoked
+
+from .configs import CONFIGS
+
+DEFAULT_CSV = "results/latest.csv"
+ORDER = tuple(CONFIGS)  # configurations in bench/configs.py's order
+DEVICE_ORDER = ("cpu", "gpu")
+# Leading CSV columns as bench run writes them; the rest follow in the order they first appear.
+LEADING = ("run_id", "preset", "name", "device", "repeat", "status", "error", "pipeline", "dataset", "weights",
+           "precision", "compute_dtype", "xla_step", "xla_backbone", "channel_order", "test_accuracy", "test_loss",
+           "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s", "steady_epoch_max_s",
+           "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s", "model_only_img_s",
+           "e2e_fraction_of_model", "bottleneck", "peak_rss_mb", "peak_gpu_mb")
+# Without these a CSV is not a results file; the other contract columns are filled with blanks.
+REQUIRED = ("name", "device", "status", "test_accuracy", "steady_epoch_s", "total_s", "train_img_s")
+METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s",
+           "steady_epoch_max_s", "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
+           "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s")
+TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "precision", "compute_dtype",
+        "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir")
+# Per-configuration settings carried into the medians table (first ok repeat's value).
+SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data_dir", "model_handle", "epochs",
+            "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version")
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Every row of every CSV in ``paths`` (e.g. a CPU run and a GPU run from different
+    machines), exact duplicate rows dropped. Raises DataError naming the file on bad input."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [Path(p) for p in paths] or [Path(DEFAULT_CSV)]
+    frames = [_read_one(p) for p in paths]
+    df = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
+    df = df.drop_duplicates(ignore_index=True)
+    return normalise(df)
+
+
+def _read_one(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        hint = f"; run `{invoked('bench')} run` first" if path == Path(DEFAULT_CSV) else ""
+        what = "a folder, not a CSV file" if path.is_dir() else "no such CSV file"
+        raise DataError(f"{path}: {what}{hint}")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file, not a bench results CSV") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable CSV ({first})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: not a bench results CSV (missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)})")
+    return df
+
+
+def normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Contract columns present (blank if absent), metrics numeric, text columns clean strings."""
+    df = df.copy()
+    for col in METRICS:
+        df[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else float("nan")
+    for col in TEXT + ("name", "device", "status"):
+        if col not in df.columns:
+            df[col] = ""
+        df[col] = df[col].map(text)
+    df["status"] = df["status"].str.lower()
+    df["naive_rgb"] = df["naive_rgb"].map(truthy) if "naive_rgb" in df.columns else False
+    for col in ("epochs", "batch_size", "num_images", "image_size", "repeat"):
+        if col not in df.columns:
+            df[col] = pd.NA
+    df["acc_pct"] = accuracy_percent(df["test_accuracy"])
+    return df
+
+
+def text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    return str(value).strip()
+
+
+def truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return bool(value)
+
+
+def accuracy_percent(acc: pd.Series) -> pd.Series:
+    """Accuracy in percent: the CSV's fractions times 100 (values already above 1 are percent)."""
+    acc = pd.to_numeric(acc, errors="coerce")
+    return acc * 100.0 if acc.dropna().le(1.0).all() else acc
+
+
+# --- medians over repeats -----------------------------------------------------------------------
+
+def ordered(names: Iterable[str], order: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    known = [n for n in order if n in names]
+    return known + [n for n in names if n not in known]
+
+
+def devices(df: pd.DataFrame) -> list[str]:
+    return ordered(df["device"], DEVICE_ORDER)
+
+
+def medians(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (device, name): medians over the ok repeats of every metric, spreads
+    (``*_lo``/``*_hi``: min/max over ok repeats), ``n_ok``/``n_failed``, failure statuses, and the
+    configuration's settings. Configurations with no ok repeat are kept with blank metrics."""
+    if "acc_pct" not in df.columns:
+        df = normalise(df)
+    rows = []
+    for device in devices(df):
+        on_device = df[df["device"] == device]
+        for name in ordered(on_device["name"], ORDER):
+            runs = on_device[on_device["name"] == name]
+            ok = runs[runs["status"] == "ok"]
+            failed = runs[runs["status"] != "ok"]
+            source = ok if len(ok) else runs
+            row = {"device": device, "name": name, "n_ok": len(ok), "n_failed": len(failed),
+                   "failures": "; ".join(f"{s or 'unknown'}: {e}" if e else (s or "unknown")
+                                         for s, e in zip(failed["status"], failed["error"]))}
+            for col in METRICS + ("acc_pct",):
+                values = ok[col].dropna()
+                row[col] = float(values.median()) if len(values) else float("nan")
+                row[col + "_lo"] = float(values.min()) if len(values) else float("nan")
+                row[col + "_hi"] = float(values.max()) if len(values) else float("nan")
+            modes = ok["bottleneck"][ok["bottleneck"] != ""].mode()
+            row["bottleneck"] = str(modes.iloc[0]) if len(modes) else ""
+            for col in SETTINGS:
+                values = source[col].dropna() if col in source.columns else pd.Series([], dtype=object)
+                values = values[values.astype(str) != ""]
+                row[col] = values.iloc[0] if len(values) else ""
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def values(df: pd.DataFrame, col: str) -> str:
+    """The distinct non-blank values of ``col``, comma-separated ("?" when there are none)."""
+    if col not in df.columns:
+        return "?"
+    vals = [v for v in dict.fromkeys(df[col].map(text)) if v]
+    return ", ".join(vals) if vals else "?"
+
+
+def median(df: pd.DataFrame, name: str, column: str, device: str | None = None) -> float:
+    """Median of ``column`` over the ok repeats of configuration ``name`` (NaN when none)."""
+    rows = df[(df["name"] == name) & (df["status"] == "ok")]
+    if device is not None:
+        rows = rows[rows["device"] == device]
+    values_ = pd.to_numeric(rows[column], errors="coerce").dropna() if column in rows else pd.Series([], dtype=float)
+    return float(values_.median()) if len(values_) else float("nan")
