@@ -173,8 +173,9 @@ def _time_to_model(df, med, picks, path: Path, subtitle: str) -> Path:
         ax.set_xlabel("seconds to a trained model (wall clock; lower is better)")
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(f"{_device_title(med, dev)}: {_repeats_note(m)}", fontsize=10)
-        ax.legend(handles=[Patch(color=c, label=label) for _, label, c in PARTS], fontsize=8, ncol=len(PARTS),
-                  loc="upper center", bbox_to_anchor=(0.5, -0.13 * 6 / max(len(m) + 2, 6)), frameon=False)
+
+    fig.legend(handles=[Patch(color=c, label=label) for _, label, c in PARTS], fontsize=8, ncol=len(PARTS),
+               loc="outside lower center", frameon=False)
     fig.suptitle(f"Time to a trained model, by part, and speed-up vs naive\n{subtitle}", fontsize=11)
     return save_figure(fig, path, dpi=110)
 
@@ -211,7 +212,7 @@ def _accuracy_vs_time(med, picks, path: Path, subtitle: str) -> Path:
         if pick is not None and np.isfinite(pick.get("acc_tolerance", np.nan)):
             lo = pick["acc_best"] - pick["acc_tolerance"]
             ax.axhspan(lo, pick["acc_best"], color="#55A868", alpha=0.12, lw=0,
-                       label=f"within recommend's tolerance ({pick['acc_tolerance']:.2g} points of the best)")
+                       label=f"within recommend's accuracy tolerance (best - {pick['acc_tolerance']:.2g} pt)")
         ax.errorbar(t, a, xerr=_err(m, "total_s"), yerr=_err(m, "acc_pct"), fmt="none", ecolor="grey", lw=1,
                     capsize=2, zorder=2)
         ax.scatter(t, a, s=[area(v) for v in m["peak_rss_mb"]], c="#4C72B0", alpha=0.7, edgecolors="black",
@@ -232,7 +233,11 @@ def _accuracy_vs_time(med, picks, path: Path, subtitle: str) -> Path:
             ax.set_xlabel("seconds to a trained model (left is faster)")
             ax.set_xlim(left=0, right=np.nanmax(m["total_s_hi"].fillna(m["total_s"])) * 1.15)
         ax.set_ylabel("test accuracy % (up is better)")
-        ax.margins(y=0.25)
+        # The data's range (with its error bars) sets the axis, not the tolerance band.
+        lo = np.nanmin(m["acc_pct_lo"].fillna(m["acc_pct"]))
+        hi = np.nanmax(m["acc_pct_hi"].fillna(m["acc_pct"]))
+        pad = max((hi - lo) * 0.25, 1.0)
+        ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.0) + 0.5)
         ax.grid(alpha=0.3)
         ax.set_title(f"{_device_title(med, dev)}: {_repeats_note(m)}", fontsize=10)
         ax.autoscale_view()

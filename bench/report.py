@@ -267,14 +267,17 @@ def provenance(rows: pd.DataFrame) -> list[tuple[str, str]]:
     ok = rows[rows["status"] == "ok"]
     rows_ = ok if len(ok) else rows
     v = lambda col: _shown(values(rows_, col))  # noqa: E731
+
+    def i(col):  # whole numbers that went through a float column ("450.0")
+        return ", ".join(re.sub(r"^(-?\d+)\.0$", r"\1", x) for x in v(col).split(", "))
     tf_version = v("tensorflow_version") if v("tensorflow_version") != "n/a" else v("tf_version")
     times = sorted(t for t in rows.get("timestamp", pd.Series([], dtype=str)).map(text) if t)
     repeats = rows_[rows_["status"] == "ok"].groupby(["device", "name"]).size()
     n = sorted(set(int(x) for x in repeats)) if len(repeats) else []
     return [
         ("machine", machine_label(rows_)),
-        ("CPU", f"{v('cpu_brand')} ({v('cpu_vendor')}, {v('cpu_arch')}); {v('cpu_logical_cores')} logical / "
-                f"{v('cpu_physical_cores')} physical cores"),
+        ("CPU", f"{v('cpu_brand')} ({v('cpu_vendor')}, {v('cpu_arch')}); {i('cpu_logical_cores')} logical / "
+                f"{i('cpu_physical_cores')} physical cores"),
         ("CPU ISA (of those that matter here)", v("cpu_isa")),
         ("RAM GB", v("ram_gb")),
         ("OS", f"{v('os')} (kernel {v('kernel')})"),
@@ -284,11 +287,11 @@ def provenance(rows: pd.DataFrame) -> list[tuple[str, str]]:
         ("versions", f"Python {v('python_version')}, tensorflow {tf_version}, tf_keras {v('tf_keras_version')}, "
                      f"tensorflow_hub {v('tensorflow_hub_version')}, numpy {v('numpy_version')}, "
                      f"opencv {v('opencv_version')}"),
-        ("data", f"{v('dataset')} (data dir {v('data_dir')}); {v('num_images')} images requested, "
-                 f"{v('train_images')} train / {v('test_images')} test, {v('image_size')} px"),
+        ("data", f"{v('dataset')} (data dir {v('data_dir')}); {i('num_images')} images requested, "
+                 f"{i('train_images')} train / {i('test_images')} test, {i('image_size')} px"),
         ("weights", f"{v('weights')} ({v('handle') if 'handle' in rows_ else v('model_handle')})"),
-        ("training", f"{v('epochs')} epochs, batch {v('batch_size')}, learning rate {v('learning_rate')}, "
-                     f"seed {v('seed')}"),
+        ("training", f"{i('epochs')} epochs, batch {i('batch_size')}, learning rate {v('learning_rate')}, "
+                     f"seed {i('seed')}"),
         ("run", f"{v('run_id')}, preset {v('preset')}, {'/'.join(map(str, n)) or 'n/a'} ok repeats per "
                 f"configuration, {times[0] if times else 'n/a'} to {times[-1] if times else 'n/a'}"),
         ("code", f"git commit {v('git_commit')}"),
