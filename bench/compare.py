@@ -28,6 +28,7 @@ from flowers_fast.errors import REGRESSION_EXIT_CODE, UserError
 from .results import HIGHER_IS_BETTER, METRICS, load, medians, ordered, values
 
 DEFAULT_METRIC = "total_s"
+NOT_COMPARED = "not compared"  # the metric does not exist for this configuration on either side
 
 
 def parse_threshold(text: str) -> float:
@@ -97,16 +98,18 @@ def compare(base: pd.DataFrame, new: pd.DataFrame, metric: str = DEFAULT_METRIC,
                 row.update(ratio=float("nan"), verdict="missing in NEW")
             elif b[col + "_n"] and not n[col + "_n"]:
                 row.update(ratio=float("nan"), verdict="failed in NEW" if n["n_failed"] else f"no {col} in NEW")
+            elif not b[col + "_n"] and not n[col + "_n"]:
+                # Failing before and after is no regression; a model-only probe has no total_s at all.
+                both = b["n_failed"] and n["n_failed"] and not n["n_ok"]
+                row.update(ratio=float("nan"), verdict="failed in both" if both else NOT_COMPARED)
             elif not b[col + "_n"]:
                 row.update(ratio=float("nan"), verdict=f"n/a (no {col} in BASE)")
             else:
                 sides = [(m[col], m[col + "_lo"], m[col + "_hi"]) for m in (b, n)]
                 row["ratio"] = n[col] / b[col] if b[col] else float("nan")
                 row["verdict"] = verdict(sides[0], sides[1], threshold, higher)
-                if b[col + "_n"] < 2 and n[col + "_n"] < 2 and row["verdict"] == "within noise":
-                    row["verdict"] = "within threshold (1 run each: no spread)"
-                elif b[col + "_n"] < 2 and n[col + "_n"] < 2:
-                    row["verdict"] += " (1 run each: no spread)"
+                if b[col + "_n"] < 2 and n[col + "_n"] < 2:
+                    row["verdict"] += " (1 run each: no spread, the threshold alone)"
             rows.append(row)
     out = pd.DataFrame(rows)
     out.attrs.update(metric=col, higher_is_better=higher, threshold=threshold)
@@ -121,7 +124,7 @@ def _cell(median: float, lo: float, hi: float) -> str:
 
 def failing(table: pd.DataFrame) -> list[str]:
     """Configurations that regressed or stopped finishing."""
-    bad = table[table["verdict"].str.startswith(("regression", "failed"))]
+    bad = table[table["verdict"].str.startswith(("regression", "failed in NEW"))]
     return [f"{c} on {d}" for d, c in zip(bad["device"], bad["config"])]
 
 
@@ -136,8 +139,12 @@ def cmd_compare(args) -> int:
     mids = (values(base, "machine_id"), values(new, "machine_id"))
     if "?" not in mids and mids[0] != mids[1]:
         print(f"note: BASE ran on machine {mids[0]}, NEW on {mids[1]}: the ratios mix hardware and code")
-    shown = table.assign(ratio=[f"{r:.3f}" if r == r else "n/a" for r in table["ratio"]])
-    print(shown.to_string(index=False))
+    absent = table[table["verdict"] == NOT_COMPARED]
+    shown = table[table["verdict"] != NOT_COMPARED]
+    shown = shown.assign(ratio=[f"{r:.3f}" if r == r else "n/a" for r in shown["ratio"]])
+    print(shown.to_string(index=False) if len(shown) else f"(no configuration has {col} on both sides)")
+    if len(absent):
+        print(f"not compared (no {col} on either side): {', '.join(absent['config'])}")
     bad = failing(table)
     if bad:
         print(f"\nregression beyond {threshold:.0%}: {', '.join(bad)}")

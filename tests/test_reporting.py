@@ -95,6 +95,7 @@ def test_compare_identical_files_is_within_noise_and_exits_0(two_machines, capsy
     table = compare(load(a), load(a))
     ok = table[table["config"] != "tfdata-dct"]
     assert set(ok["verdict"]) == {"within noise"} and (ok["ratio"] == 1.0).all()
+    assert table.set_index("config").loc["tfdata-dct", "verdict"] == "failed in both"  # not a regression
     assert bench_cli.main(["compare", str(a), str(a)]) == 0
     assert "no regression" in capsys.readouterr().out
 
