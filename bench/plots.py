@@ -101,7 +101,9 @@ def _device_title(med: pd.DataFrame, device: str) -> str:
 
 
 def _repeats_note(med: pd.DataFrame) -> str:
-    n = sorted(set(int(v) for v in med.loc[med["n_ok"] > 0, "n_ok"]))
+    n = sorted({int(v) for v in med.loc[med["n_ok"] > 0, "n_ok"]})
+    if not n:
+        return "no finished run"
     return ("1 run each (no spread)" if n == [1] else
             f"median of {'/'.join(map(str, n))} runs, error bars min–max")
 
@@ -135,6 +137,9 @@ def _time_to_model(df, med, picks, path: Path, subtitle: str) -> Path:
         naive_total = float(naive.iloc[0]) if len(naive) and np.isfinite(naive.iloc[0]) else np.nan
         pick = picks.get(dev)
         right = float(np.nanmax(m["total_s_hi"].to_numpy(dtype=float))) if m["total_s"].notna().any() else 1.0
+        if m.empty:
+            ax.text(0.5, 0.5, f"{NA}: no configuration here trains a model (model-only probes: see the stages plot)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
         for yi, (_, r) in zip(y, m.iterrows()):
             if not np.isfinite(r["total_s"]):
                 why = "failed" if r["n_failed"] else "no total"
@@ -297,6 +302,7 @@ def _stage_bars(ax, m: pd.DataFrame, stages, log: bool, legend: bool = True) -> 
                     transform=ax.get_xaxis_transform())
     ax.set_xticks(x)
     ax.set_xticklabels(list(m["name"]), rotation=30, ha="right")
+    ax.set_xlim(-0.6, len(m) - 0.4)  # every slot, also those holding only "n/a"
     if log:
         ax.set_yscale("log")
     ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
