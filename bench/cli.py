@@ -1,4 +1,4 @@
-"""``python -m bench`` (installed as ``flowers-bench``): run, list, report, recommend,
+"""``python -m bench`` (installed as ``flowers-bench``): run, list, report, compare, recommend,
 dataservice, one module per command. The sweep-wide flags of ``run`` are generated from
 RunConfig's knob declarations."""
 
@@ -10,7 +10,7 @@ from flowers_fast.clikit import OneLineParser, add_knob_flags, positive_int, run
 from flowers_fast.config import SWEEP
 from flowers_fast.errors import invoked
 
-from . import configs, dataservice, recommend, report
+from . import compare, configs, dataservice, recommend, report
 
 
 def cmd_run(args) -> int:
@@ -40,6 +40,9 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=positive_int, metavar="S", help="seconds per configuration (default: the "
                                                                      "preset's)")
     g.add_argument("--figures", action="store_true", help="write confusion matrices and prediction grids")
+    g.add_argument("--remeasure", action="store_true",
+                   help="measure this machine's matmul peak and the model's FLOPs again instead of reusing the "
+                        "values cached for this machine and TensorFlow version")
     g.add_argument("--out", default="results", metavar="DIR", help="where results go (default: results)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="RUN_CSV",
                    help="continue the newest (or the given) run: skip rows already there")
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     p = sub.add_parser("list", help="list configurations and presets")
     p.set_defaults(func=cmd_list)
-    for module in (report, recommend, dataservice):
+    for module in (report, compare, recommend, dataservice):
         module.add_parser(sub)
     return parser
 

@@ -13,7 +13,7 @@ if [ "$device" = gpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   # The best configurations with and without mixed precision and XLA, on the quick set's images.
   configs=tfdata,tfdata-mixed,tfdata-xla,tfdata-mixed-xla,featcache,featcache-mixed,modelonly,modelonly-mixed,modelonly-xla,modelonly-mixed-xla
-  "$py" -m bench run --device gpu --preset quick --configs "$configs" --epochs 3 --timeout 240 --out "$out" || true
+  "$py" -m bench run --device gpu --preset quick --configs "$configs" --epochs 3 --repeats 1 --timeout 240 --out "$out" || true
 else
   # CPU fallback: the same checks on the smoke preset (XLA on CPU is far too slow to include).
   "$py" -m bench run --device cpu --preset smoke --configs tfdata,tfdata-mixed,featcache,modelonly,modelonly-mixed \

@@ -82,6 +82,8 @@ def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
     ranked = ranked.sort_values([f"_k{i}" for i in range(1, len(order))] + ["name"], na_position="last",
                                 kind="mergesort")
     row = ranked.iloc[0].drop([c for c in ranked.columns if c.startswith("_k")])
+    # What the plots draw: the accuracy band the choice was made in.
+    row["acc_best"], row["acc_tolerance"] = best_acc, tolerance
     name = row["name"]
 
     reason = (f"{name} on {device}: {'highest' if larger else 'lowest'} {words} "

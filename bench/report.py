@@ -1,26 +1,36 @@
-"""``python -m bench report``: read result CSVs (several machines at once) and tabulate them.
+"""``python -m bench report``: read result CSVs (several machines at once) and report them.
 
-One table per device, one row per configuration: medians over the repeats that finished
-(status ok), their min-max spread, speed-up against ``naive`` on the same device, and how
-many repeats failed. Renders as console text and as a GitHub Markdown pipe table; ``--plot``
-adds PNG charts (bench/plots.py).
+Rows are grouped by machine (``machine_id``) and run (``run_id``): each group gets its own
+tables, recommendation and plots, since rows from different machines are not repeats of one
+another (``--pool`` merges them on purpose, and says so). Per group, one table per device, one
+row per configuration: medians over the repeats that finished (status ok), their min-max
+spread, speed-up against ``naive`` on the same device, and how many repeats finished and
+failed. Renders as console text, Markdown (``--markdown``) and one self-contained HTML file
+(``--html``: bench/htmlreport.py) with the plots (bench/plots.py), the recommendation and its
+reproducing command, and the provenance: machine, versions, data, weights, commit, commands.
 
-Accuracy is shown in percent (the CSV holds a fraction in [0, 1]; percent values are accepted
-too), times in seconds, throughput in images/s, memory in MB.
+Accuracy is shown in percent (the CSV holds a fraction in [0, 1]; a file in percent is read as
+such), times in seconds, throughput in images/s, memory in MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from flowers_fast.errors import OutputError
+from flowers_fast.errors import OutputError, UserError, invoked
 
 from .plots import write_plots
-from .results import DEFAULT_CSV, devices, load, medians, text, truthy, values
+from .results import DEFAULT_CSV, devices, groups, load, machine_label, medians, text, truthy, values
 
 UNITS = "accuracy %, times s, throughput img/s, memory MB"
 
@@ -68,7 +78,7 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             notes.append("speed-up vs naive = naive's total s / this configuration's total s")
         else:
             notes.append("speed-up vs naive: blank, no successful naive run on this device")
-        notes.append("medians over repeats with status ok; spread = min–max over those repeats "
+        notes.append("medians over the ok column's repeats (status ok); spread = min–max over those repeats "
                      "(epoch spread over one run's steady epochs when there is a single repeat)")
         table.attrs["notes"] = notes
         tables[device] = table
@@ -90,7 +100,8 @@ def _header(rows: pd.DataFrame, device: str) -> str:
     ok = rows[rows["status"] == "ok"]
     rows = ok if len(ok) else rows
     return (f"device {device} ({values(rows, 'device_name')}) | data {values(rows, 'dataset')} | "
-            f"weights {values(rows, 'weights')} | TF {values(rows, 'tf_version')} | units: {UNITS}")
+            f"weights {values(rows, 'weights')} | TF {values(rows, 'tf_version')} | "
+            f"machine {values(rows, 'machine_id').replace('?', 'unknown')} | units: {UNITS}")
 
 
 def rgb_gain_line(m: pd.DataFrame) -> str:
@@ -154,6 +165,18 @@ def render_console(tables: dict[str, pd.DataFrame]) -> str:
     return "\n\n".join(parts)
 
 
+def render_console_report(reports: list["GroupReport"], merged: list[str]) -> str:
+    parts = []
+    if len(merged) > 1:
+        parts.append("merged:\n" + "\n".join(f"  {m}" for m in merged))
+    for r in reports:
+        body = render_console(r.tables)
+        picks = "\n".join(f"  recommended on {p.device}: {p.text}" for p in r.picks)
+        parts.append(f"== {r.label} ==\n{body}" + (f"\n{picks}" if picks else "") if len(reports) > 1
+                     else body + (f"\n{picks}" if picks else ""))
+    return "\n\n".join(parts)
+
+
 def pipe_table(df: pd.DataFrame) -> str:
     """A DataFrame of strings as a GitHub Markdown pipe table (numbers right-aligned)."""
     def cell(value) -> str:
@@ -177,13 +200,190 @@ def _looks_numeric(value) -> bool:
         return False
 
 
-def render_markdown(tables: dict[str, pd.DataFrame], title: str = "Benchmark results") -> str:
+
+
+# --- the whole report ------------------------------------------------------------------------
+
+@dataclass
+class Pick:
+    device: str
+    name: str  # "" when nothing can be recommended
+    text: str  # the reason, or why there is no recommendation
+    command: str = ""
+
+
+@dataclass
+class GroupReport:
+    """Everything the report says about one machine and run (or one pool)."""
+
+    label: str
+    rows: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    picks: list[Pick]
+    provenance: list[tuple[str, str]]
+    plots: list[Path] = field(default_factory=list)
+
+
+def picks_for(rows: pd.DataFrame) -> list[Pick]:
+    """``bench recommend``'s default choice (total time, 1 accuracy point) per device."""
+    from .recommend import recommend
+
+    out = []
+    for device in devices(rows):
+        try:
+            row, reason, command = recommend(rows, device)
+            out.append(Pick(device, str(row["name"]), reason, command))
+        except UserError as exc:
+            out.append(Pick(device, "", f"n/a: {exc}"))
+    return out
+
+
+def _shown(value: str) -> str:
+    return "n/a" if value in ("", "?") else value
+
+
+def run_command(rows: pd.DataFrame) -> str:
+    """The ``bench run`` command(s) of these rows' runs, rebuilt from the run-<id>.json each
+    sweep saves beside its CSV (what --resume reads); "n/a" when it is not there."""
+    commands = []
+    for source, run_id in dict.fromkeys(zip(rows["source"], rows["run_id"])):
+        meta = Path(source).parent / f"run-{run_id}.json"
+        try:
+            saved = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        parts = invoked("bench").split() + ["run"]
+        for key, value in saved.items():
+            if value is None or value is False or key in ("resume",):
+                continue
+            flag = "--" + key.replace("_", "-")
+            parts += [flag] if value is True else [flag, str(value)]
+        commands.append(" ".join(shlex.quote(p) for p in parts))
+    return "; ".join(dict.fromkeys(commands)) or "n/a (no run JSON beside the CSV)"
+
+
+def provenance(rows: pd.DataFrame) -> list[tuple[str, str]]:
+    """(what, value) pairs: machine, versions, data, weights, code, commands."""
+    ok = rows[rows["status"] == "ok"]
+    rows_ = ok if len(ok) else rows
+    v = lambda col: _shown(values(rows_, col))  # noqa: E731
+
+    def i(col):  # whole numbers that went through a float column ("450.0")
+        return ", ".join(re.sub(r"^(-?\d+)\.0$", r"\1", x) for x in v(col).split(", "))
+    tf_version = v("tensorflow_version") if v("tensorflow_version") != "n/a" else v("tf_version")
+    times = sorted(t for t in rows.get("timestamp", pd.Series([], dtype=str)).map(text) if t)
+    repeats = rows_[rows_["status"] == "ok"].groupby(["device", "name"]).size()
+    n = sorted(set(int(x) for x in repeats)) if len(repeats) else []
+    return [
+        ("machine", machine_label(rows_)),
+        ("CPU", f"{v('cpu_brand')} ({v('cpu_vendor')}, {v('cpu_arch')}); {i('cpu_logical_cores')} logical / "
+                f"{i('cpu_physical_cores')} physical cores"),
+        ("CPU ISA (of those that matter here)", v("cpu_isa")),
+        ("RAM GB", v("ram_gb")),
+        ("OS", f"{v('os')} (kernel {v('kernel')})"),
+        ("GPU", f"{v('gpu_names')}; driver {v('gpu_driver')}; TensorFlow built with CUDA {v('tf_cuda_build')}, "
+                f"cuDNN {v('tf_cudnn_build')}"),
+        ("devices", v("device_name")),
+        ("versions", f"Python {v('python_version')}, tensorflow {tf_version}, tf_keras {v('tf_keras_version')}, "
+                     f"tensorflow_hub {v('tensorflow_hub_version')}, numpy {v('numpy_version')}, "
+                     f"opencv {v('opencv_version')}"),
+        ("data", f"{v('dataset')} (data dir {v('data_dir')}); {i('num_images')} images requested, "
+                 f"{i('train_images')} train / {i('test_images')} test, {i('image_size')} px"),
+        ("weights", f"{v('weights')} ({v('handle') if 'handle' in rows_ else v('model_handle')})"),
+        ("training", f"{i('epochs')} epochs, batch {i('batch_size')}, learning rate {v('learning_rate')}, "
+                     f"seed {i('seed')}"),
+        ("run", f"{v('run_id')}, preset {v('preset')}, {'/'.join(map(str, n)) or 'n/a'} ok repeats per "
+                f"configuration, {times[0] if times else 'n/a'} to {times[-1] if times else 'n/a'}"),
+        ("code", f"git commit {v('git_commit')}"),
+        ("matmul peak measured", v("matmul_peak_measured")),
+        ("command", run_command(rows)),
+        ("files", ", ".join(dict.fromkeys(rows["source"])) if "source" in rows else "n/a"),
+    ]
+
+
+def _slug(text_: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text_).strip("-")[:60] or "group"
+
+
+def build(df: pd.DataFrame, pool: bool = False, plot_dir: Path | None = None, stem: str = "") -> list[GroupReport]:
+    """One GroupReport per machine and run (one in all with ``pool``); plots written into
+    ``plot_dir`` when it is given."""
+    parts = groups(df, pool)
+    reports = []
+    for i, (label, rows) in enumerate(parts):
+        r = GroupReport(label, rows, summarise(rows), picks_for(rows), provenance(rows))
+        if plot_dir is not None:
+            suffix = "" if len(parts) == 1 else "-" + _slug(f"{values(rows, 'machine_id')}-{values(rows, 'run_id')}")
+            r.plots = write_plots(rows, plot_dir, f"{stem}{suffix}" if stem else suffix.lstrip("-"))
+        reports.append(r)
+    return reports
+
+
+def render_markdown(tables, title: str = "Benchmark results", merged: list[str] | None = None,
+                    base: Path | None = None) -> str:
+    """Markdown of a report: ``tables`` is {device: table} or a list of GroupReport; plots are
+    linked relative to ``base``, the Markdown file's folder."""
+    reports = tables if isinstance(tables, list) else [GroupReport("", pd.DataFrame(), tables, [], [])]
     parts = [f"# {title}", ""]
-    for device, table in tables.items():
-        parts += [f"## {device}", "", f"*{table.attrs.get('header', device)}*", "", pipe_table(formatted(table)), ""]
-        parts += [f"- {n}" for n in table.attrs.get("notes", [])]
-        parts.append("")
+    if merged and len(merged) > 1:
+        parts += ["Merged files:", ""] + [f"- {m}" for m in merged] + [""]
+    for r in reports:
+        level = "##"
+        if len(reports) > 1:
+            parts += [f"## {r.label}", ""]
+            level = "###"
+        for p in r.picks:
+            parts += [f"**Recommended on {p.device}: {p.name or 'n/a'}.** {p.text}", ""]
+            if p.command:
+                parts += ["Reproduce with:", "", f"    {p.command}", ""]
+        for device, table in r.tables.items():
+            parts += [f"{level} {device}", "", f"*{table.attrs.get('header', device)}*", "",
+                      pipe_table(formatted(table)), ""]
+            parts += [f"- {n}" for n in table.attrs.get("notes", [])]
+            parts.append("")
+        for plot in r.plots:
+            link = os.path.relpath(plot, base) if base is not None else plot.name
+            parts += [f"![{plot.stem}]({Path(link).as_posix()})", ""]
+        if r.provenance:
+            parts += [f"{level} Provenance", "", "| what | value |", "|---|---|"]
+            parts += [f"| {k} | {text(v).replace('|', '/')} |" for k, v in r.provenance]
+            parts.append("")
     return "\n".join(parts)
+
+
+def _write(target: Path, content: str, flag: str) -> Path:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{flag} {target}: cannot write ({exc.strerror or exc})") from None
+    return target
+
+
+def write_reports(paths: list[Path], markdown: Path | None = None, html: Path | None = None,
+                  plot_dir: Path | None = None, stem: str = "", pool: bool = False,
+                  title: str = "Benchmark results") -> list[Path]:
+    """Load ``paths`` and write what is asked: PNG plots into ``plot_dir``, Markdown, and one
+    self-contained HTML file (plots embedded; drawn in a temporary folder when no ``plot_dir``)."""
+    from . import htmlreport
+
+    df = load(paths)
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory(prefix="bench-plots-") as tmp:
+        where = plot_dir if plot_dir is not None else (Path(tmp) if html else None)
+        reports = build(df, pool, where, stem)
+        if plot_dir is not None:
+            written += [p for r in reports for p in r.plots]
+        if markdown:
+            # Plots drawn only for the HTML (a temporary folder) are not linked from the Markdown.
+            md_reports = reports if plot_dir is not None else [
+                GroupReport(r.label, r.rows, r.tables, r.picks, r.provenance, []) for r in reports]
+            written.append(_write(Path(markdown), render_markdown(md_reports, title, df.attrs.get("merged"),
+                                                                  base=Path(markdown).parent), "--markdown"))
+        if html:
+            written.append(_write(Path(html), htmlreport.render(reports, title, df.attrs.get("merged", [])),
+                                  "--html"))
+    return written
 
 
 # --- the command --------------------------------------------------------------------------
@@ -191,30 +391,28 @@ def render_markdown(tables: dict[str, pd.DataFrame], title: str = "Benchmark res
 def cmd_report(args) -> int:
     paths = [Path(p) for p in (args.csv or [DEFAULT_CSV])]
     df = load(paths)
-    tables = summarise(df)
-    print(render_console(tables))
-    if args.markdown:
-        target = Path(args.markdown)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(render_markdown(tables), encoding="utf-8")
-        except OSError as exc:
-            raise OutputError(f"--markdown {target}: cannot write ({exc.strerror or exc})") from None
-        print(f"\nmarkdown: {target}")
-    if args.plot:
-        written = write_plots(df, paths[0].parent)
-        if written:
-            print("plots: " + ", ".join(str(p) for p in written))
-        else:
-            print("plots: none (no successful runs)")
+    print(render_console_report(build(df, args.pool), df.attrs.get("merged", [])))
+    plot_dir = paths[0].parent if args.plot else None
+    written = write_reports(paths, markdown=Path(args.markdown) if args.markdown else None,
+                            html=Path(args.html) if args.html else None, plot_dir=plot_dir,
+                            stem=paths[0].stem, pool=args.pool)
+    if written:
+        print("\nwritten: " + ", ".join(str(p) for p in written))
+    elif args.plot:
+        print("\nplots: none (no successful runs)")
     return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("report", help="tabulate result CSVs: one table per device, medians over repeats")
+    p = subparsers.add_parser("report", help="tabulate result CSVs: per machine and run, one table per device, "
+                                             "medians over repeats")
     p.add_argument("csv", nargs="*", metavar="CSV", default=[DEFAULT_CSV],
-                   help=f"result CSVs to merge, e.g. a CPU and a GPU run (default {DEFAULT_CSV})")
-    p.add_argument("--markdown", metavar="PATH", help="also write the tables as Markdown to PATH")
+                   help=f"result CSVs to read, e.g. a CPU and a GPU run (default {DEFAULT_CSV})")
+    p.add_argument("--markdown", metavar="PATH", help="also write the report as Markdown to PATH")
+    p.add_argument("--html", metavar="PATH", help="also write one self-contained HTML report (plots embedded, "
+                                                  "opens offline) to PATH")
     p.add_argument("--plot", action="store_true", help="also write PNG charts beside the first CSV")
+    p.add_argument("--pool", action="store_true", help="treat rows of different machines and runs as repeats of "
+                                                       "one another (default: a report per machine and run)")
     p.set_defaults(func=cmd_report)
     return p

@@ -1,6 +1,7 @@
-"""Bench results as tables: loading result CSVs, normalising their columns and units, ordering
-configurations and devices, and medians over repeats. ``report``, ``plots``, ``recommend`` and
-``gpu_check`` all read results through this module.
+"""Bench results as tables: loading result CSVs, normalising their columns and units (per input
+file), ordering configurations and devices, grouping rows by machine and run, and medians over
+repeats. ``report``, ``plots``, ``compare``, ``recommend`` and ``gpu_check`` all read results
+through this module.
 """
 
 from __future__ import annotations
@@ -28,9 +29,22 @@ LEADING = ("run_id", "preset", "name", "device", "repeat", "status", "error", "p
 REQUIRED = ("name", "device", "status", "test_accuracy", "steady_epoch_s", "total_s", "train_img_s")
 METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s",
            "steady_epoch_max_s", "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
-           "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s")
+           "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s",
+           "feature_pass_warmup_s", "feature_pass_img_s", "train_s", "subprocess_s")
+# Metrics where a larger value is better (the others: smaller is better).
+HIGHER_IS_BETTER = ("test_accuracy", "acc_pct", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
+                    "model_only_img_s", "e2e_fraction_of_model")
+# Units of METRICS (and acc_pct) for labels.
+UNITS = {"test_accuracy": "%", "acc_pct": "%", "test_loss": "", "e2e_fraction_of_model": "", "peak_rss_mb": "MB",
+         "peak_gpu_mb": "MB"}
+# The machine a row ran on (bench.machine.host_facts and the worker's TensorFlow build facts).
+MACHINE = ("machine_id", "cpu_brand", "cpu_vendor", "cpu_arch", "cpu_isa", "cpu_logical_cores",
+           "cpu_physical_cores", "ram_gb", "os", "kernel", "gpu_names", "gpu_driver", "tf_cuda_build",
+           "tf_cudnn_build", "tensorflow_version", "tf_keras_version", "tensorflow_hub_version", "numpy_version",
+           "opencv_version", "python_version")
 TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "precision", "compute_dtype",
-        "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir")
+        "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir", "git_commit",
+        "source") + MACHINE
 # Per-configuration settings carried into the medians table (first ok repeat's value).
 SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data_dir", "model_handle", "epochs",
             "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version")
@@ -40,14 +54,31 @@ SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data
 
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Every row of every CSV in ``paths`` (e.g. a CPU run and a GPU run from different
-    machines), exact duplicate rows dropped. Raises DataError naming the file on bad input."""
+    machines), rows repeated in a later file dropped. Units are normalised per file (accuracy
+    as a fraction in one file and in percent in another give the same ``acc_pct``); each row
+    keeps its file in ``source``. ``df.attrs["merged"]`` says, per file, what was read.
+    Raises DataError naming the file on bad input."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = [Path(p) for p in paths] or [Path(DEFAULT_CSV)]
-    frames = [_read_one(p) for p in paths]
+    frames = []
+    for i, path in enumerate(paths):
+        raw = _read_one(path)
+        frames.append(raw.assign(source=str(path), acc_pct=accuracy_percent(raw["test_accuracy"]),
+                                 _file=i, _unit=accuracy_unit(raw["test_accuracy"])))
     df = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
-    df = df.drop_duplicates(ignore_index=True)
-    return normalise(df)
+    # A row read again from a later file (e.g. a resumed run copied over) counts once.
+    dup = df.drop(columns=["source", "_file", "_unit", "acc_pct"]).duplicated(keep="first")
+    merged = []
+    for i, path in enumerate(paths):
+        mine = df["_file"] == i
+        dropped = int((mine & dup).sum())
+        merged.append(f"{path}: {int(mine.sum()) - dropped} rows"
+                      + (f" ({dropped} duplicate rows dropped)" if dropped else "")
+                      + f", accuracy read as {df.loc[mine, '_unit'].iloc[0] if mine.any() else 'n/a'}")
+    df = normalise(df[~dup].drop(columns=["_file", "_unit"]).reset_index(drop=True))
+    df.attrs["merged"] = merged
+    return df
 
 
 def _read_one(path: Path) -> pd.DataFrame:
@@ -85,7 +116,9 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     for col in ("epochs", "batch_size", "num_images", "image_size", "repeat"):
         if col not in df.columns:
             df[col] = pd.NA
-    df["acc_pct"] = accuracy_percent(df["test_accuracy"])
+    if "acc_pct" not in df.columns:
+        df["acc_pct"] = accuracy_percent(df["test_accuracy"])
+    df["acc_pct"] = pd.to_numeric(df["acc_pct"], errors="coerce")
     return df
 
 
@@ -103,10 +136,56 @@ def truthy(value) -> bool:
     return bool(value)
 
 
+def accuracy_unit(acc: pd.Series) -> str:
+    """"fraction" when every accuracy of one file is at most 1 (what bench writes), else "percent"."""
+    return "fraction" if pd.to_numeric(acc, errors="coerce").dropna().le(1.0).all() else "percent"
+
+
 def accuracy_percent(acc: pd.Series) -> pd.Series:
-    """Accuracy in percent: the CSV's fractions times 100 (values already above 1 are percent)."""
+    """One file's accuracies in percent: fractions times 100 (a file with values above 1 is percent)."""
     acc = pd.to_numeric(acc, errors="coerce")
-    return acc * 100.0 if acc.dropna().le(1.0).all() else acc
+    return acc * 100.0 if accuracy_unit(acc) == "fraction" else acc
+
+
+# --- machines and runs --------------------------------------------------------------------------
+
+def machine_label(rows: pd.DataFrame) -> str:
+    """"machine 1a2b3c4d5e (AMD EPYC, 2 logical cores, 23.5 GB)", from the rows' machine facts;
+    rows from before machine facts were recorded fall back to their device names."""
+    mid = values(rows, "machine_id")
+    if mid == "?":
+        return f"machine unknown (no machine facts in the CSV; {values(rows, 'device_name')})"
+    brand, cores, ram = values(rows, "cpu_brand"), values(rows, "cpu_logical_cores"), values(rows, "ram_gb")
+    gpus = values(rows, "gpu_names")
+    gpu = f", GPU {gpus}" if gpus not in ("?", "none") and not gpus.startswith("none") else ""
+    return f"machine {mid} ({brand}, {_int_text(cores)} logical cores, {ram} GB RAM{gpu})"
+
+
+def _int_text(value: str) -> str:
+    try:
+        return str(int(float(value)))
+    except ValueError:
+        return value
+
+
+def groups(df: pd.DataFrame, pool: bool = False) -> list[tuple[str, pd.DataFrame]]:
+    """The rows split by machine (``machine_id``) and run (``run_id``), in first-seen order, each
+    with a label: rows of different machines or runs are never medians of one another. With
+    ``pool`` every row is one group, labelled with what was pooled."""
+    if df.empty:
+        return []
+    machine = df["machine_id"].map(text) if "machine_id" in df.columns else pd.Series("", index=df.index)
+    run = df["run_id"].map(text)
+    keys = list(dict.fromkeys(zip(machine, run)))
+    if pool or len(keys) == 1:
+        label = (f"{len(keys)} runs on {len(set(m for m, _ in keys))} machine(s) pooled" if len(keys) > 1
+                 else f"run {run.iloc[0] or '?'}")
+        return [(label, df)]
+    out = []
+    for m, r in keys:
+        rows = df[(machine == m) & (run == r)]
+        out.append((f"{machine_label(rows)}, run {r or '?'}", rows))
+    return out
 
 
 # --- medians over repeats -----------------------------------------------------------------------
@@ -143,6 +222,7 @@ def medians(df: pd.DataFrame) -> pd.DataFrame:
                 row[col] = float(values.median()) if len(values) else float("nan")
                 row[col + "_lo"] = float(values.min()) if len(values) else float("nan")
                 row[col + "_hi"] = float(values.max()) if len(values) else float("nan")
+                row[col + "_n"] = len(values)
             modes = ok["bottleneck"][ok["bottleneck"] != ""].mode()
             row["bottleneck"] = str(modes.iloc[0]) if len(modes) else ""
             for col in SETTINGS:
@@ -168,3 +248,14 @@ def median(df: pd.DataFrame, name: str, column: str, device: str | None = None) 
         rows = rows[rows["device"] == device]
     values_ = pd.to_numeric(rows[column], errors="coerce").dropna() if column in rows else pd.Series([], dtype=float)
     return float(values_.median()) if len(values_) else float("nan")
+
+
+def median_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (device, name), the ok repeat whose ``total_s`` is the median (the lower middle one for
+    an even count): its parts add up to the total shown, which medians of parts would not."""
+    ok = df[(df["status"] == "ok") & df["total_s"].notna()]
+    picked = []
+    for _, runs in ok.groupby(["device", "name"], sort=False):
+        runs = runs.sort_values("total_s", kind="mergesort")
+        picked.append(runs.iloc[(len(runs) - 1) // 2])
+    return pd.DataFrame(picked).reset_index(drop=True) if picked else ok.iloc[0:0]

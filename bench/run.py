@@ -35,6 +35,7 @@ from flowers_fast.errors import (
 )
 
 from . import configs as configs_mod
+from . import machine
 from .results import LEADING
 
 
@@ -78,7 +79,10 @@ class ResultsFile:
 
     def flush(self) -> None:
         frame = pd.DataFrame(self.rows)
-        columns = [c for c in LEADING if c in frame.columns] + [c for c in frame.columns if c not in LEADING]
+        # Every contract column, blank when no row has it yet (e.g. every configuration failed):
+        # the file is always a results CSV that report and compare read.
+        frame = frame.reindex(columns=list(frame.columns) + [c for c in LEADING if c not in frame.columns])
+        columns = list(LEADING) + [c for c in frame.columns if c not in LEADING]
         for target in [self.path] + ([self.latest] if self.latest else []):
             _atomic_csv(frame[columns], target)
 
@@ -128,17 +132,19 @@ def _die_with_parent() -> None:
 
 
 def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interactive: bool = False,
-            worker: str = "bench.worker", figures: Path | None = None, cache: Path | None = None) -> dict:
+            worker: str = "bench.worker", figures: Path | None = None, cache: Path | None = None,
+            machine_id: str | None = None) -> dict:
     """One configuration in a subprocess; every way it can end becomes a row.
 
     The worker gets one job document (``bench.worker`` reads it): the configuration, where to
-    write its result, whether to draw progress bars, the cache folder, and the figures folder."""
+    write its result, whether to draw progress bars, the cache folder, the figures folder, and
+    the machine fingerprint its cached per-machine measurements are filed under."""
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         out = Path(tmp) / "result.json"
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"config": cfg.to_dict(), "result": str(out), "progress": interactive,
                                    "cache": str(cache) if cache else None,
-                                   "figures": str(figures) if figures else None}))
+                                   "figures": str(figures) if figures else None, "machine_id": machine_id}))
         cmd = [sys.executable, "-m", worker, str(job)]
         start = time.perf_counter()
         with open(log_path, "w") as log:
@@ -182,6 +188,26 @@ def plan(args) -> tuple[list[str], list[str]]:
     return (["cpu", "gpu"], []) if gpus else (["cpu"], ["gpu (TensorFlow sees no GPU)"])
 
 
+def sweep_jobs(args, preset: configs_mod.Preset, cfgs: list[RunConfig], devices: list[str],
+               done: set) -> list[tuple[RunConfig, int]]:
+    """(configuration on its device, repeat index) still to run, repeat by repeat so that slow
+    drifts of the machine spread over every configuration. ``--repeats`` applies to all; the
+    preset's default gives model-only probes their own count, and with ``breakdown_once`` the
+    per-stage breakdown (input-only, model-only, FLOP utilisation) runs in the first repeat only."""
+    given = given_knobs(args, SWEEP)
+    jobs = []
+    for k in range(max(args.repeats or 0, preset.repeats, preset.probe_repeats or 0)):
+        for d in devices:
+            for c in cfgs:
+                if k >= (args.repeats or preset.repeats_of(c)) or (c.name, d, k) in done:
+                    continue
+                cfg = c.replace(device=d)
+                if k > 0 and preset.breakdown_once and "breakdown" not in given and c.pipeline != "modelonly":
+                    cfg = cfg.replace(breakdown=False)
+                jobs.append((cfg, k))
+    return jobs
+
+
 def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
     preset = configs_mod.PRESETS[args.preset]
     given = given_knobs(args, SWEEP)
@@ -209,33 +235,35 @@ def execute(args) -> int:
         (out / f"run-{run_id}.json").write_text(json.dumps(_sweep_args(args), indent=1))
     for s in skipped:
         print(f"bench: skipping device {s}", file=sys.stderr)
-    repeats = args.repeats or preset.repeats
     timeout_s = args.timeout or preset.timeout_s
     results = ResultsFile(path, out / "latest.csv")
     # Interrupted rows are re-run on resume; ok and error rows are results and stay.
     results.drop(lambda r: r.get("status") != "interrupted")
     done = {(r["name"], r["device"], int(r["repeat"])) for r in results.rows}
-    jobs = [(c.replace(device=d), k) for k in range(repeats) for d in devices for c in cfgs
-            if (c.name, d, k) not in done]
+    jobs = sweep_jobs(args, preset, cfgs, devices, done)
     logs = out / "logs" / run_id
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     interactive = sys.stderr.isatty()
     cache = cache_dir()
     figures = out / "figures" / run_id
+    facts = machine.host_facts()
+    if args.remeasure:
+        machine.Measured(cache, facts["machine_id"], facts["tensorflow_version"]).forget()
     common = dict(run_id=run_id, preset=args.preset, git_commit=git_commit(),
-                  python_version=platform.python_version(), host_cpu_count=os.cpu_count())
+                  python_version=platform.python_version(), host_cpu_count=os.cpu_count(), **facts)
     print(f"bench run {run_id}: {len(jobs)} runs ({len(done)} already done) on {', '.join(devices)}; "
           f"preset {args.preset}; results -> {path}", file=sys.stderr)
     bar = tqdm(jobs, desc="sweep", unit="run", disable=not interactive)
     for cfg, k in bar:
         bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
         stem = f"{cfg.name}-{cfg.device}-r{k}"
-        base = {**common, **cfg.to_dict(), "repeat": k,
+        base = {**common, **cfg.to_dict(), "repeat": k, "repeats": args.repeats or preset.repeats_of(cfg),
                 "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         try:
             row = run_one(cfg, timeout_s, logs / f"{stem}.log", env, interactive,
-                          figures=figures / stem if args.figures else None, cache=cache)
+                          figures=figures / stem if args.figures else None, cache=cache,
+                          machine_id=facts["machine_id"])
         except KeyboardInterrupt:
             results.add({**base, "status": "interrupted", "error": "Ctrl-C during this configuration"})
             print(f"\nbench: interrupted; {len(results.rows)} rows kept in {path}; "
@@ -247,6 +275,12 @@ def execute(args) -> int:
     bar.close()
     print(summary_table(pd.DataFrame(results.rows)))
     print(f"\nresults: {path} (also {out / 'latest.csv'})")
+    from .report import write_reports
+
+    # The report beside the CSV: Markdown, plots, one self-contained HTML file.
+    written = write_reports([path], markdown=path.with_suffix(".md"), html=path.with_suffix(".html"),
+                            plot_dir=path.parent, stem=path.stem)
+    print("report: " + ", ".join(str(p) for p in written))
     return 0 if all(r.get("status") == "ok" for r in results.rows) else RUN_FAILED_EXIT_CODE
 
 

@@ -4,7 +4,8 @@
 configuration x device x repeat, because precision policy, XLA and visible devices are
 process-global in TensorFlow, and so that peak memory is this configuration's alone. The job
 document holds everything the worker needs: ``config`` (RunConfig fields), ``result`` (where
-the row goes), ``progress``, ``cache`` and ``figures`` (a folder, or null).
+the row goes), ``progress``, ``cache``, ``figures`` (a folder, or null) and ``machine_id`` (the
+sweep's machine fingerprint, under which per-machine measurements are cached).
 """
 
 from __future__ import annotations
@@ -24,16 +25,24 @@ def _write(out: Path, row: dict) -> None:
     os.replace(tmp, out)  # the sweep never reads half a result
 
 
-def hardware_row(cfg, backbone_layer, row: dict) -> dict:
-    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak."""
+def hardware_row(cfg, backbone_layer, row: dict, measured) -> dict:
+    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak.
+
+    The FLOP count and the matmul peak belong to the model and the machine, not to the run:
+    ``measured`` (a ``bench.machine.Measured``) measures each once per machine and TensorFlow
+    version and the row says when (``matmul_peak_measured``)."""
     from flowers_fast import metrics
 
-    flops = metrics.forward_flops_per_image(backbone_layer, cfg.image_size)
+    handle = row.get("handle") or cfg.model_handle
+    flops, _ = measured.get(f"forward_flops/{handle}/{cfg.image_size}",
+                            lambda: metrics.forward_flops_per_image(backbone_layer, cfg.image_size))
     dtype = "float32" if cfg.precision == "fp32" else cfg.mixed_dtype
-    peak = metrics.matmul_peak_flops(cfg.device, dtype)
+    peak, when = measured.get(f"matmul_peak_flops/{cfg.device}/{dtype}",
+                              lambda: metrics.matmul_peak_flops(cfg.device, dtype))
     # Frozen backbone: a train step costs about one forward; fine-tuning about three.
     per_image = flops * (3.0 if cfg.fine_tune else 1.0)
-    out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype}
+    out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype,
+           "matmul_peak_measured": when}
     rate = row.get("model_only_img_s")
     if rate:
         out["model_flops_utilization"] = per_image * rate / peak
@@ -55,11 +64,17 @@ def main(argv=None) -> int:
         from flowers_fast.download import cache_dir
         from flowers_fast.tfkeras import tf
 
-        result = train.run(cfg, cache_dir(job.get("cache")), progress=job.get("progress", False),
-                           keep_model=cfg.breakdown)
+        from . import machine
+
+        cache = cache_dir(job.get("cache"))
+        result = train.run(cfg, cache, progress=job.get("progress", False), keep_model=cfg.breakdown,
+                           predictions=bool(job.get("figures")))
         row = dict(result.row)
         if cfg.breakdown and result.backbone is not None:
-            row.update(hardware_row(cfg, result.backbone.layer, row))
+            machine_id = job.get("machine_id") or machine.host_facts()["machine_id"]
+            row.update(hardware_row(cfg, result.backbone.layer, row, machine.Measured(cache, machine_id,
+                                                                                        tf.__version__)))
+        row.update(machine.tf_build_facts())
         row.update(status="ok", error="", device_name=runtime.device_name(cfg.device), tf_version=tf.__version__)
         if job.get("figures"):
             figures.run_figures(result, Path(job["figures"]), Path(job["figures"]).name)

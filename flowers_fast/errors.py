@@ -5,6 +5,7 @@ keeps its traceback.
 
 | code | meaning |
 | --- | --- |
+| 1 | ``bench compare``: a configuration regressed beyond ``--fail-if`` (or stopped finishing) |
 | 2 | usage: a bad flag or value |
 | 3 | data: a dataset folder or image file |
 | 4 | model: a model handle or checkpoint |
@@ -52,6 +53,7 @@ class OutputError(UserError):
     exit_code = 8
 
 
+REGRESSION_EXIT_CODE = 1
 RUN_FAILED_EXIT_CODE = 9
 INTERRUPTED_EXIT_CODE = 130
 

@@ -52,6 +52,7 @@ class RunContext:
     backbone: models.Backbone | None = None
     dataset: data.ImageFolder | None = None  # None for modelonly
     split: data.Split | None = None
+    predictions: bool = True  # predict the test set after evaluating (figures need it; a sweep row does not)
 
     @property
     def num_classes(self) -> int:
@@ -64,14 +65,17 @@ class Runner:
     needs_data: bool = True
 
 
-def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = False) -> RunResult:
-    """Train and evaluate ``cfg``; the process-global setup (runtime.setup) must be done first."""
+def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = False,
+        predictions: bool = True) -> RunResult:
+    """Train and evaluate ``cfg``; the process-global setup (runtime.setup) must be done first.
+    ``predictions=False`` skips predicting the test set a second time after evaluation (the
+    result's ``y_pred`` stays empty): a sweep's rows need only the evaluation's metrics."""
     t_start = time.perf_counter()
     runner = RUNNERS[cfg.pipeline]
     strategy = distribute.strategy(cfg)
     replicas = strategy.num_replicas_in_sync
     ctx = RunContext(cfg, cache, progress, strategy, cfg.batch_size * replicas,
-                     row={"replicas": replicas, "global_batch": cfg.batch_size * replicas})
+                     row={"replicas": replicas, "global_batch": cfg.batch_size * replicas}, predictions=predictions)
     if runner.needs_data:
         ctx.dataset = data.resolve(cfg, cache)
         ctx.split = data.split(ctx.dataset, cfg.test_fraction, cfg.seed)
@@ -156,6 +160,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     loss, acc = model.evaluate(test_x, test_y, batch_size=batch_size, verbose=0)
     row.update(test_accuracy=float(acc), test_loss=float(loss), eval_s=time.perf_counter() - start)
     row["eval_img_s"] = n_test / row["eval_s"]
+    if not ctx.predictions:
+        return np.zeros(0, int), np.zeros(0, int)
     y_pred = np.argmax(model.predict(test_x, batch_size=batch_size, verbose=0), axis=-1)
     y_true = np.asarray(test_y) if test_y is not None else np.concatenate([y.numpy() for _, y in test_x])
     return y_true, y_pred

@@ -39,8 +39,22 @@ def test_smoke_sweep_writes_one_valid_csv(tmp_path, small_model):
                    "tf_version", "git_commit", "weights", "compute_dtype", "bottleneck", "model_only_img_s"):
         assert column in df.columns and df[column].notna().all(), column
     assert (df["weights"] == "random").all() and (df["dataset"] == "synthetic").all()
+    # Machine facts in every row, the per-machine measurements with when they were taken.
+    for column in ("machine_id", "cpu_brand", "cpu_isa", "cpu_logical_cores", "ram_gb", "os", "gpu_names",
+                   "tensorflow_version", "tf_keras_version", "numpy_version", "opencv_version", "tf_cuda_build",
+                   "matmul_peak_measured", "repeats"):
+        assert column in df.columns and df[column].notna().all(), column
+    assert df["machine_id"].nunique() == 1
     assert pd.read_csv(tmp_path / "latest.csv").equals(df)
     assert "speed-up" in res.stdout
+    # The report beside the CSV: Markdown linking the plots, one self-contained HTML file.
+    stem = runs[0].with_suffix("")
+    for kind in ("time", "accuracy", "stages"):
+        assert Path(f"{stem}-{kind}.png").stat().st_size > 5000, kind
+    md = runs[0].with_suffix(".md").read_text()
+    assert f"]({stem.name}-time.png)" in md and "Recommended on cpu" in md
+    page = runs[0].with_suffix(".html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 and "http://" not in page.split("<body>")[0]
 
 
 @pytest.mark.slow

@@ -215,9 +215,10 @@ def test_report_cli_markdown_and_plots(csvs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "device cpu" in out and "device gpu" in out and "RGB fix" in out
     assert md.read_text().startswith("# Benchmark results")
-    for name in ("speed.png", "stages.png"):  # beside the first CSV
-        png = csvs[0].parent / name
-        assert png.exists() and png.stat().st_size > 5000
+    for kind in ("time", "accuracy", "stages"):  # beside the first CSV, one set per machine and run
+        pngs = list(csvs[0].parent.glob(f"cpu-*{kind}.png"))
+        assert len(pngs) == 2 and all(p.stat().st_size > 5000 for p in pngs), kind
+    assert "![" in md.read_text() and ".png)" in md.read_text()
     code = bench_cli.main(["report", str(tmp_path / "missing.csv")])
     assert code == DataError.exit_code
     err = capsys.readouterr().err.strip().splitlines()
@@ -225,8 +226,8 @@ def test_report_cli_markdown_and_plots(csvs, tmp_path, capsys):
 
 
 def test_write_plots(df, tmp_path):
-    paths = write_plots(df, tmp_path / "plots")
-    assert [p.name for p in paths] == ["speed.png", "stages.png"]
+    paths = write_plots(df, tmp_path / "plots", "run")
+    assert [p.name for p in paths] == ["run-time.png", "run-accuracy.png", "run-stages.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
     assert write_plots(df[df["status"] != "ok"], tmp_path / "none") == []
