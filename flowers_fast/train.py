@@ -183,9 +183,16 @@ def _kept(files, skipped):
     return tuple(f for f in files if f not in gone)
 
 
-def _record_prep(ctx: RunContext, seconds: float, n_train: int, n_test: int, skipped, channels: str) -> None:
+def _record_prep(ctx: RunContext, seconds: float, n_train: int, n_test: int, skipped, channels: str,
+                 oriented: int | None = None, exif: str = "applied") -> None:
+    """Preparation facts for the row. ``oriented``: files whose EXIF orientation asks for a turn
+    (counted here, untimed, when the pipeline did not read it itself); ``exif``: whether this
+    pipeline turns them upright (``applied``) or uses the pixels as stored (``ignored``)."""
+    if oriented is None:
+        oriented = sum(o != 1 for o in data.exif_orientations(ctx.split.train_files + ctx.split.test_files))
     ctx.row.update(data_prep_s=seconds, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
-                   skipped_list=";".join(skipped), channel_order=channels)
+                   skipped_list=";".join(skipped), channel_order=channels, exif_oriented_files=oriented,
+                   exif_orientation=exif)
 
 
 # --- the runners ----------------------------------------------------------------------------
@@ -216,20 +223,34 @@ def _run_tutorial(ctx: RunContext) -> RunResult:
         try:
             n_train = sum(int(tf.shape(x)[0]) for x, _ in train_ds)
             n_test = sum(int(tf.shape(x)[0]) for x, _ in test_ds)
-        except tf.errors.InvalidArgumentError as exc:
-            # The tutorial's loader stops at the first undecodable file; ours skips and counts.
-            raise DataError(f"--pipeline tutorial: an image cannot be decoded ({str(exc).splitlines()[0][:120]}); "
-                            "remove it, or use --pipeline tfdata, which skips and counts such files") from None
+        except tf.errors.InvalidArgumentError:
+            # The tutorial's loader stops at the first undecodable file (ours skips and counts);
+            # TensorFlow does not say which file, so find them.
+            raise _tutorial_decode_error(split.train_files + split.test_files) from None
         prep = time.perf_counter() - start
-        _record_prep(ctx, prep, n_train, n_test, [], "RGB")
+        # TF's loader uses the pixels as stored: EXIF orientation ignored, unlike cv2 and our tf.data.
+        _record_prep(ctx, prep, n_train, n_test, [], "RGB", exif="ignored")
         ctx.row["skipped_files"] = len(split.train_files) + len(split.test_files) - n_train - n_test
         return _train_on_datasets(ctx, train_ds, test_ds, n_train, n_test, prep, "float255")
+
+
+def _tutorial_decode_error(files) -> DataError:
+    """Which of ``files`` the tutorial's loader (``tf.io.decode_image``) cannot decode, as one error."""
+    bad = []
+    for path in files:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.OpError, ValueError):
+            bad.append(path)
+    first = bad[0] if bad else "an image"
+    return DataError(f"{first}: cannot be decoded as an image by the tutorial's loader ({len(bad)} such files), "
+                     "which stops at them; remove them, or use --pipeline tfdata, which skips and counts them")
 
 
 def _run_tfdata(ctx: RunContext) -> RunResult:
     cfg = ctx.cfg
     dec = pipeline.prepare(cfg, ctx.split, ctx.progress)
-    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB")
+    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB", dec.oriented)
     train_ds = distribute.maybe_data_service(pipeline.train_dataset(dec.train, cfg, ctx.global_batch), cfg)
     test_ds = pipeline.eval_dataset(dec.test, cfg, ctx.global_batch)
     result = _train_on_datasets(ctx, train_ds, test_ds, dec.n_train, dec.n_test, dec.seconds, "uint8")
@@ -271,7 +292,7 @@ def _run_featcache(ctx: RunContext) -> RunResult:
     """Frozen backbone, no augmentation: compute each image's features once, train the head on them."""
     cfg, row = ctx.cfg, ctx.row
     dec = pipeline.prepare(cfg, ctx.split, ctx.progress)
-    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB")
+    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB", dec.oriented)
     f_train, y_train, f_test, y_test, feature_pass, test_pass = _feature_pass(ctx, dec)
     train_ds, test_ds = pipeline.feature_datasets(f_train, y_train, f_test, y_test, cfg, ctx.global_batch)
 
