@@ -11,6 +11,7 @@ from flowers_fast.config import SWEEP
 from flowers_fast.errors import invoked
 
 from . import configs, dataservice, recommend, report
+from .run import DEFAULTS
 
 
 def cmd_run(args) -> int:
@@ -32,15 +33,15 @@ def cmd_list(args) -> int:
 def add_run_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run configurations side by side and write a CSV under --out")
     g = p.add_argument_group("the sweep")
-    g.add_argument("--device", choices=("cpu", "gpu", "all"), default="cpu", help="(default: cpu)")
-    g.add_argument("--preset", choices=tuple(configs.PRESETS), default="quick", help="(default: quick)")
+    g.add_argument("--device", choices=("cpu", "gpu", "all"), default=DEFAULTS["device"], help="(default: cpu)")
+    g.add_argument("--preset", choices=tuple(configs.PRESETS), default=DEFAULTS["preset"], help="(default: quick)")
     g.add_argument("--configs", metavar="NAME,...", help="configurations to run (default: the preset's); "
                                                          f"see {invoked('bench')} list")
     g.add_argument("--repeats", type=positive_int, help="runs of each configuration (default: the preset's)")
     g.add_argument("--timeout", type=positive_int, metavar="S", help="seconds per configuration (default: the "
                                                                      "preset's)")
     g.add_argument("--figures", action="store_true", help="write confusion matrices and prediction grids")
-    g.add_argument("--out", default="results", metavar="DIR", help="where results go (default: results)")
+    g.add_argument("--out", default=DEFAULTS["out"], metavar="DIR", help="where results go (default: results)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="RUN_CSV",
                    help="continue the newest (or the given) run: skip rows already there")
     # Every knob a sweep may override, e.g. --epochs, --num-images, --model-handle.
