@@ -195,6 +195,9 @@ def cmd_report(args) -> int:
     print(render_console(tables))
     if args.markdown:
         target = Path(args.markdown)
+        if any(target.exists() and target.resolve() == p.resolve() for p in paths):
+            raise OutputError(f"--markdown {target}: is one of the CSVs being reported; pass another file name "
+                              "(nothing is overwritten)")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(render_markdown(tables), encoding="utf-8")

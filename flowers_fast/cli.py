@@ -88,6 +88,9 @@ def _print_table(row: dict) -> None:
 
 def cmd_train(args) -> int:
     cfg = RunConfig.from_flags(**given_knobs(args, TRAIN))
+    if cfg.pipeline == "modelonly" and (args.save or args.figures):
+        raise UserError(f"--{'save' if args.save else 'figures'} needs a pipeline that trains on images; "
+                        "--pipeline modelonly only times train steps on random tensors")
     # Every output is checked before the (long) training starts.
     cache = cache_path(args)
     save = Path(args.save).expanduser() if args.save else None

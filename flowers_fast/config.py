@@ -61,7 +61,7 @@ class RunConfig:
                                 group="data", metavar="PATH")
     num_images: int = knob(3670, "synthetic set size (the real set has 3670; at least 5, one per class)", minimum=5,
                            group="data")
-    image_size: int = knob(224, "square input size in pixels", minimum=32, group="data")
+    image_size: int = knob(224, "square input size in pixels (32..1024)", minimum=32, maximum=1024, group="data")
     test_fraction: float = knob(0.25, "share of the images held out for testing (the notebook's 0.25)",
                                 group="data")
     seed: int = knob(0, "split, synthetic data and head initialisation seed", minimum=0, maximum=2**32 - 1,

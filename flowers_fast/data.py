@@ -63,9 +63,16 @@ def discover(root: str | Path, kind: str = "folder", cached: bool = False) -> Im
         class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
         ignored = [str(p) for p in entries if p.is_file() and not p.name.startswith(".")]
         if not class_dirs:
+            if any(Path(p).suffix.lower() in IMAGE_EXTENSIONS for p in ignored):  # one level too deep
+                raise bad("holds images but no class subfolders",
+                          f"pass the folder above it, whose subfolders are the classes ({root.parent})")
             raise bad("has no class subfolders", "expected e.g. daisy/, roses/ with JPEGs inside")
         if len(class_dirs) < 2:
-            raise bad(f"has only one class folder ({class_dirs[0].name})", "at least 2 are needed")
+            inner = class_dirs[0]
+            if sum(1 for p in inner.iterdir() if p.is_dir() and not p.name.startswith(".")) >= 2:  # one level up
+                raise bad(f"has only one subfolder ({inner.name}), which itself holds class folders",
+                          f"pass --data-dir {inner}")
+            raise bad(f"has only one class folder ({inner.name})", "at least 2 are needed")
         files, labels = [], []
         for label, class_dir in enumerate(class_dirs):
             found = []
@@ -144,7 +151,12 @@ def resolve(cfg: RunConfig, cache: Path) -> ImageFolder:
         return discover(cfg.data_dir, kind="flowers" if cfg.dataset == "flowers" else "folder")
     if cfg.dataset == "synthetic":
         root = synthetic.generate(synthetic.default_root(cache, cfg.num_images, cfg.seed), cfg.num_images, cfg.seed)
-        return discover(root, kind="synthetic", cached=True)
+        found = discover(root, kind="synthetic", cached=True)
+        if len(found) != cfg.num_images or len(found.classes) != len(synthetic.CLASSES):  # files lost since
+            raise DataError(f"cached dataset {root}: {len(found)} images in {len(found.classes)} classes, not "
+                            f"{cfg.num_images} in {len(synthetic.CLASSES)}; delete that folder and rerun to "
+                            "rebuild it")
+        return found
     if cfg.dataset == "flowers":
         from .download import fetch_flowers
 

@@ -100,11 +100,11 @@ def resolve_classifier(handle: str, cache: Path) -> tuple[str, str]:
     return resolve_handle(handle, cache, CLASSIFICATION)
 
 
-def load_hub_classifier(handle: str):
+def load_hub_classifier(handle: str, weights: str = "pretrained"):
     """hub.KerasLayer for ``handle`` after checking it outputs ImageNet logits; (layer, labels)."""
     from .model import load_hub_layer, output_shape
 
-    layer = load_hub_layer(handle, name="classifier")
+    layer = load_hub_layer(handle, name="classifier", weights=weights)
     shape = output_shape(layer, handle, HUB_SIZE, hint="pass a Hub classification model")
     labels = imagenet_labels()
     n = int(shape[-1]) if len(shape) == 2 else -1
@@ -203,7 +203,7 @@ def cmd_predict(args) -> int:
               f"top {min(args.top, len(labels))} with softmax probabilities")
     else:
         handle, weights = resolve_classifier(args.model_handle, cache)
-        model, labels = load_hub_classifier(handle)
+        model, labels = load_hub_classifier(handle, weights)
         size, kind = HUB_SIZE, "unit"
         print(f"predict: {handle} (weights {weights}), {len(labels)} ImageNet classes; "
               f"top {min(args.top, len(labels))} with softmax probabilities")

@@ -10,6 +10,7 @@ evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from . import baseline, data, distribute, metrics, pipeline
 from . import model as models
 from .config import RunConfig
-from .errors import DataError
+from .errors import DataError, UserError
 from .tfkeras import keras, tf
 
 MODELONLY_CLASSES = 5  # modelonly has no dataset: the flowers' five classes
@@ -127,6 +128,21 @@ class _Progress(keras.callbacks.Callback):
             self.bar.close()
 
 
+class _StopOnDivergence(keras.callbacks.Callback):
+    """A loss that became NaN or infinite (a --learning-rate too large) is an error, not a model:
+    the run stops at the end of that epoch instead of reporting the accuracy of NaN weights."""
+
+    def __init__(self, learning_rate: float):
+        super().__init__()
+        self.learning_rate = learning_rate
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise UserError(f"--learning-rate {self.learning_rate:g}: training diverged (loss {float(loss)} in epoch "
+                            f"{epoch + 1}); use a smaller --learning-rate, e.g. the default 0.001")
+
+
 def _compiled(ctx: RunContext, build) -> "keras.Model":
     """``build()`` under the strategy's scope, compiled for this configuration."""
     with ctx.strategy.scope():
@@ -144,7 +160,7 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     timer = metrics.EpochTimer()
     steps = -(-n_train // ctx.global_batch)
     model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0,
-              callbacks=[timer, _Progress(steps, label, ctx.progress)])
+              callbacks=[timer, _Progress(steps, label, ctx.progress), _StopOnDivergence(cfg.learning_rate)])
     times = timer.times
     row.update(first_epoch_s=times[0], **metrics.steady(times), train_s=sum(times))
     row["train_img_s"] = n_train / row["steady_epoch_s"] if len(times) > 1 else n_train / times[0]
