@@ -113,7 +113,7 @@ def run_main(parser: argparse.ArgumentParser, argv=None) -> int:
         # The reader went away (``... | head``): drop the rest quietly, as Python's docs advise.
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
             pass
         return BROKEN_PIPE_EXIT_CODE
     finally:
