@@ -113,23 +113,27 @@ def cmd_train(args) -> int:
     from . import figures, train
 
     result = train.run(cfg, cache, progress=not args.quiet, keep_model=bool(save))
-    written = figures.run_figures(result, fig_dir, cfg.pipeline) if fig_dir else []
     row = {**cfg.to_dict(), **result.row}
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
+    # The metrics are on screen; the model goes to disk before the figures, so that a figure that
+    # cannot be written does not cost the trained model.
     if save:
+        from .tfkeras import tf
+
         def write(tmp: Path) -> None:
             try:
                 result.model.save(str(tmp))
-            except Exception as exc:  # TensorFlow reports a full disk in its own exception types
-                raise OSError(str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)) from None
+            except tf.errors.OpError as exc:  # TensorFlow's own type for a full disk
+                raise OSError(exc.message.strip().splitlines()[0][:160]) from None
             # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
             (tmp / "classes.txt").write_text("\n".join(result.classes) + "\n")
             (tmp / "run.json").write_text(cfg.to_json())
 
         write_folder(save, "--save", write)
         print(f"saved model to {save}")
+    written = figures.run_figures(result, fig_dir, cfg.pipeline) if fig_dir else []
     for path in written:
         print(f"wrote {path}")
     return 0

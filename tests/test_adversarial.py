@@ -459,6 +459,20 @@ def test_full_disk_at_start_leaves_no_run_file_behind(ws, capsys, monkeypatch):
     assert not list((ws / "full").glob("run-*"))  # so a later --resume is not broken by an empty JSON
 
 
+def test_a_failed_save_leaves_nothing_half_written(tmp_path):
+    """--save writes into a temporary sibling and renames it: a full disk mid-save leaves no
+    partial model where predict would find it (and no temporary folder either)."""
+    from flowers_fast.errors import OutputError
+
+    def full_disk_midway(tmp):
+        (tmp / "saved_model.pb").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match="--save .*model: cannot write .No space left on device.") as err:
+        ff_cli.write_folder(tmp_path / "model", "--save", full_disk_midway)
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []
+
+
 def test_closed_stdout_pipe_ends_quietly(capsys, monkeypatch):
     class Closed:
         def write(self, text):
