@@ -11,6 +11,7 @@ from flowers_fast.config import SWEEP
 from flowers_fast.errors import invoked
 
 from . import compare, configs, dataservice, recommend, report
+from .run import DEFAULTS
 
 
 def cmd_run(args) -> int:
@@ -32,8 +33,8 @@ def cmd_list(args) -> int:
 def add_run_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run configurations side by side and write a CSV under --out")
     g = p.add_argument_group("the sweep")
-    g.add_argument("--device", choices=("cpu", "gpu", "all"), default="cpu", help="(default: cpu)")
-    g.add_argument("--preset", choices=tuple(configs.PRESETS), default="quick", help="(default: quick)")
+    g.add_argument("--device", choices=("cpu", "gpu", "all"), default=DEFAULTS["device"], help="(default: cpu)")
+    g.add_argument("--preset", choices=tuple(configs.PRESETS), default=DEFAULTS["preset"], help="(default: quick)")
     g.add_argument("--configs", metavar="NAME,...", help="configurations to run (default: the preset's); "
                                                          f"see {invoked('bench')} list")
     g.add_argument("--repeats", type=positive_int, help="runs of each configuration (default: the preset's)")
@@ -43,7 +44,7 @@ def add_run_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--remeasure", action="store_true",
                    help="measure this machine's matmul peak and the model's FLOPs again instead of reusing the "
                         "values cached for this machine and TensorFlow version")
-    g.add_argument("--out", default="results", metavar="DIR", help="where results go (default: results)")
+    g.add_argument("--out", default=DEFAULTS["out"], metavar="DIR", help="where results go (default: results)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="RUN_CSV",
                    help="continue the newest (or the given) run: skip rows already there")
     # Every knob a sweep may override, e.g. --epochs, --num-images, --model-handle.

@@ -75,13 +75,20 @@ PRESETS = {
 
 def select(names: str | None, preset: Preset) -> list[RunConfig]:
     """Configurations named in ``--configs a,b`` (or the preset's), in the given order."""
-    if not names:
+    if names is None:
         return [CONFIGS[n] for n in preset.configs]
     chosen = [n.strip() for n in names.split(",") if n.strip()]
+    if not chosen:
+        raise UserError(f"--configs {names!r}: names no configuration; pass e.g. --configs naive,tfdata "
+                        f"(see {invoked('bench')} list)")
     unknown = [n for n in chosen if n not in CONFIGS]
     if unknown:
         raise UserError(f"--configs: unknown configuration {', '.join(unknown)}; "
                         f"known: {', '.join(CONFIGS)} (see {invoked('bench')} list)")
+    twice = sorted({n for n in chosen if chosen.count(n) > 1})
+    if twice:  # same repeat index twice: the second would overwrite the first's log
+        raise UserError(f"--configs: {', '.join(twice)} named more than once; use --repeats N to run a "
+                        "configuration several times")
     return [CONFIGS[n] for n in chosen]
 
 

@@ -22,8 +22,9 @@ def checks(df: pd.DataFrame, device: str) -> list[tuple[str, bool, str]]:
             dtype = str(rows["compute_dtype"].iloc[0])
             out.append((f"{name}: backbone convolutions run in {want}", want in dtype, f"compute_dtype={dtype}"))
     fp32, mixed = median(df, "modelonly", "model_only_img_s"), median(df, "modelonly-mixed", "model_only_img_s")
-    out.append(("mixed precision model-only >= 1.5x fp32", mixed / fp32 >= 1.5,
-                f"{mixed:.0f} vs {fp32:.0f} img/s = {mixed / fp32:.2f}x"))
+    ratio = mixed / fp32 if fp32 else float("nan")  # no (or a zero) fp32 rate: not judged as a pass
+    out.append(("mixed precision model-only >= 1.5x fp32", ratio >= 1.5,
+                f"{mixed:.0f} vs {fp32:.0f} img/s = {ratio:.2f}x"))
     for name in ("featcache", "tfdata"):
         frac = median(df, name, "e2e_fraction_of_model")
         if frac == frac:
@@ -32,7 +33,8 @@ def checks(df: pd.DataFrame, device: str) -> list[tuple[str, bool, str]]:
         rate = median(df, name, "model_only_img_s")
         base = median(df, name.replace("-xla", ""), "model_only_img_s")
         if rate == rate:
-            out.append((f"{name}: XLA vs no XLA (reported, not judged)", True, f"{rate / base:.2f}x"))
+            out.append((f"{name}: XLA vs no XLA (reported, not judged)", True,
+                        f"{rate / base:.2f}x" if base else "no baseline rate"))
     errors = df[df["status"] != "ok"]
     out.append(("every configuration finished", errors.empty,
                 "; ".join(f"{r['name']}: {r['status']} {r['error']}" for _, r in errors.iterrows()) or "all ok"))

@@ -14,6 +14,7 @@ import shlex
 
 import pandas as pd
 
+from flowers_fast.clikit import finite_float
 from flowers_fast.errors import DataError, UserError, invoked
 
 from .results import DEFAULT_CSV, load, medians, text
@@ -154,7 +155,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("recommend", help="pick the best configuration for a device from result CSVs",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=("cpu", "gpu"), required=True)
-    p.add_argument("--max-acc-drop", type=float, default=1.0, metavar="POINTS",
+    p.add_argument("--max-acc-drop", type=finite_float, default=1.0, metavar="POINTS",
                    help="keep configurations within this many accuracy percentage points of the best")
     p.add_argument("--objective", choices=tuple(OBJECTIVES), default="total-time",
                    help="total-time: least total s; throughput: most train img/s; memory: least peak RSS MB")

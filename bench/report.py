@@ -392,6 +392,10 @@ def cmd_report(args) -> int:
     paths = [Path(p) for p in (args.csv or [DEFAULT_CSV])]
     df = load(paths)
     print(render_console_report(build(df, args.pool), df.attrs.get("merged", [])))
+    for flag, target in (("--markdown", args.markdown), ("--html", args.html)):
+        if target and any(Path(target).exists() and Path(target).resolve() == p.resolve() for p in paths):
+            raise OutputError(f"{flag} {target}: is one of the CSVs being reported; pass another file name "
+                              "(nothing is overwritten)")
     plot_dir = paths[0].parent if args.plot else None
     written = write_reports(paths, markdown=Path(args.markdown) if args.markdown else None,
                             html=Path(args.html) if args.html else None, plot_dir=plot_dir,

@@ -99,6 +99,8 @@ def _read_one(path: Path) -> pd.DataFrame:
     if missing:
         raise DataError(f"{path}: not a bench results CSV (missing column{'s' if len(missing) > 1 else ''} "
                         f"{', '.join(missing)})")
+    if df.empty:
+        raise DataError(f"{path}: a header but no result rows; pass a CSV of a run that finished a configuration")
     return df
 
 

@@ -2,22 +2,32 @@
 results appended to a CSV that is replaced atomically after each row.
 
 A crash or timeout in one configuration becomes a ``status=error``/``timeout`` row and the
-sweep goes on; Ctrl-C marks the running one ``interrupted`` and exits 130; a SIGKILL leaves
-only complete rows, and ``--resume`` runs what is missing.
+sweep goes on; Ctrl-C (or SIGTERM) marks the running one ``interrupted`` and exits 130 (143);
+a SIGKILL leaves only complete rows, and ``--resume`` runs what is missing, with the settings
+the run was started with, writing only beside the CSV it resumes.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+
+try:  # POSIX; elsewhere two sweeps on one run are not prevented
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import pandas as pd
 from tqdm import tqdm
@@ -28,6 +38,7 @@ from flowers_fast.download import cache_dir
 from flowers_fast.errors import (
     INTERRUPTED_EXIT_CODE,
     RUN_FAILED_EXIT_CODE,
+    DataError,
     DeviceError,
     OutputError,
     UserError,
@@ -37,6 +48,10 @@ from flowers_fast.errors import (
 from . import configs as configs_mod
 from . import machine
 from .results import LEADING
+
+# The defaults of bench run's own flags (bench/cli.py); --resume tells given flags from these.
+DEFAULTS = dict(device="cpu", preset="quick", configs=None, repeats=None, timeout=None, figures=False,
+                remeasure=False, out="results")
 
 
 def git_commit() -> str:
@@ -61,21 +76,29 @@ def available_gpus() -> int:
         return 0
 
 
+STATUSES = ("ok", "error", "timeout", "interrupted")
+# The columns --resume needs to know which rows are done.
+RESUME_COLUMNS = ("name", "device", "repeat", "status")
+
+
 class ResultsFile:
     """A CSV rewritten whole to a temporary file and renamed after each row: never half a row."""
 
     def __init__(self, path: Path, latest: Path | None):
         self.path, self.latest = path, latest
         self.rows: list[dict] = []
+        self.stale = False  # the file holds rows that are no longer wanted (see drop, read_rows)
         if path.exists():
-            self.rows = pd.read_csv(path, keep_default_na=False).to_dict("records")
+            self.rows, self.stale = read_rows(path)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.flush()
 
     def drop(self, keep) -> None:
-        self.rows = [r for r in self.rows if keep(r)]
+        kept = [r for r in self.rows if keep(r)]
+        self.stale = self.stale or len(kept) != len(self.rows)
+        self.rows = kept
 
     def flush(self) -> None:
         frame = pd.DataFrame(self.rows)
@@ -87,18 +110,85 @@ class ResultsFile:
             _atomic_csv(frame[columns], target)
 
 
-def _atomic_csv(frame: pd.DataFrame, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+def read_rows(path: Path) -> tuple[list[dict], bool]:
+    """The finished rows of a run's CSV, as text exactly as written (so rewriting the file changes
+    none of them), and whether a row was left out, checked: a DataError naming the file when it is
+    not what ``bench run`` writes. A last row cut short (no line break at its end: a copy or edit
+    broke off) is not finished: it is left out, said on stderr, and runs again."""
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV (binary content); pass the run-*.csv that bench run wrote") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty, so not a results CSV written by bench run (it writes whole rows only); "
+                        "pass another run, or start a new one")
+    try:
+        records = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc}); pass the run-*.csv that bench run wrote") from None
+    header, body = records[0], records[1:]
+    missing = [c for c in RESUME_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{path}: not a bench results CSV (missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)})")
+    cut = bool(body) and not text.endswith(("\n", "\r"))
+    if cut:
+        print(f"bench: {path}: its last row is cut short (the file does not end with a line break); that "
+              "configuration runs again", file=sys.stderr)
+        body = body[:-1]
+    rows = []
+    for number, values in enumerate(body, start=2):
+        if not any(v.strip() for v in values):
+            continue  # a blank line
+        if len(values) != len(header):
+            raise DataError(f"{path}: line {number} has {len(values)} fields, the header {len(header)}; not a CSV "
+                            "that bench run wrote (edited?)")
+        row = dict(zip(header, values))
+        if not row["repeat"].strip().isdigit():
+            raise DataError(f"{path}: line {number}: repeat {row['repeat']!r} is not a whole number 0, 1, ...")
+        if row["status"] not in STATUSES:
+            raise DataError(f"{path}: line {number}: status {row['status']!r} is not one of {', '.join(STATUSES)}")
+        if not row["name"].strip() or not row["device"].strip():
+            raise DataError(f"{path}: line {number}: blank name or device")
+        rows.append(row)
+    return rows, cut
+
+
+def _atomic_csv(frame: pd.DataFrame, target: Path) -> None:
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
         with os.fdopen(fd, "w", newline="") as f:
             frame.to_csv(f, index=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise OutputError(f"{target}: cannot write results ({exc.strerror or exc}); free disk space or pass "
                           "another --out") from None
+    finally:  # also on Ctrl-C or SIGTERM mid-write: no temporary file is left behind
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_text(target: Path, text: str, flag: str = "--out") -> None:
+    """Write ``text`` to ``target`` whole or not at all (a full disk leaves no empty file behind)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); free disk space or pass another "
+                          f"{flag}") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def new_run_path(out: Path) -> tuple[str, Path]:
@@ -111,14 +201,23 @@ def new_run_path(out: Path) -> tuple[str, Path]:
     return run_id, out / f"run-{run_id}.csv"
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Before anything is written: ``out`` is a folder we can write, and what the sweep puts in it
+    (``latest.csv``, ``logs/``, ``figures/``) can go there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as exc:
-        raise OutputError(f"--out {out}: not writable ({exc.strerror or exc}); pass a folder you can write to") \
+        raise OutputError(f"{flag} {out}: not writable ({exc.strerror or exc}); pass a folder you can write to") \
             from None
+    if (out / "latest.csv").is_dir():
+        raise OutputError(f"{flag} {out}: latest.csv there is a folder, where the sweep keeps a copy of the newest "
+                          "run; move it away or pass another --out")
+    for name in ("logs", "figures"):
+        if (out / name).exists() and not (out / name).is_dir():
+            raise OutputError(f"{flag} {out}: {name} there is a file, where the sweep keeps its {name}; move it "
+                              "away or pass another --out")
 
 
 def _die_with_parent() -> None:
@@ -218,35 +317,68 @@ def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
     return preset, [c.replace(**overrides) for c in chosen]
 
 
+@contextmanager
+def run_lock(meta: Path):
+    """One sweep per run at a time: a second one (say, --resume while the first still runs) would
+    interleave rows with it and drop some. The lock is on the run's JSON and goes with the process."""
+    with open(meta, "rb") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"--resume {meta.with_suffix('.csv')}: another bench run is still writing this run; "
+                                "wait for it, or stop it first") from None
+        yield
+
+
 def execute(args) -> int:
     out = Path(args.out)
+    meta = None
     if args.resume:
-        run_id, path, saved = _resume_target(out, args.resume)
+        run_id, path, meta = _resume_target(out, args.resume)
+        if args.out != DEFAULTS["out"] and args.resume != "latest" and Path(args.out).resolve() != path.parent.resolve():
+            raise UserError(f"--out {args.out} and --resume {args.resume} disagree: a resumed run writes only beside "
+                            "the CSV it resumes; drop --out")
         out = path.parent  # a resumed run writes only beside the CSV it resumes
-        for key, value in saved.items():
-            if value is not None and key not in ("out", "resume"):
-                setattr(args, key, value)
+        _apply_saved(args, _saved_settings(meta), meta)
     # Every mistake is found before anything is written.
-    preset, cfgs = sweep_configs(args)
+    try:
+        preset, cfgs = sweep_configs(args)
+    except UserError as exc:
+        if meta is None:
+            raise
+        raise DataError(f"{meta}: the run's saved settings are not valid now ({exc}); start a new run") from None
     devices, skipped = plan(args)
     check_out_dir(out)
-    if not args.resume:
+    cache = cache_dir()
+    if meta is None:
         run_id, path = new_run_path(out)
-        (out / f"run-{run_id}.json").write_text(json.dumps(_sweep_args(args), indent=1))
+        meta = out / f"run-{run_id}.json"
+        atomic_text(meta, json.dumps(_sweep_args(args), indent=1))
+    with run_lock(meta):
+        return _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache)
+
+
+def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache) -> int:
     for s in skipped:
         print(f"bench: skipping device {s}", file=sys.stderr)
     timeout_s = args.timeout or preset.timeout_s
     results = ResultsFile(path, out / "latest.csv")
     # Interrupted rows are re-run on resume; ok and error rows are results and stay.
     results.drop(lambda r: r.get("status") != "interrupted")
+    if results.stale:
+        results.flush()  # rows left out (interrupted, cut short) go from the file now, not at the next row
     done = {(r["name"], r["device"], int(r["repeat"])) for r in results.rows}
     jobs = sweep_jobs(args, preset, cfgs, devices, done)
     logs = out / "logs" / run_id
-    logs.mkdir(parents=True, exist_ok=True)
+    figures = out / "figures" / run_id
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot create {logs} ({exc.strerror or exc}); free disk space or pass "
+                          "another --out") from None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     interactive = sys.stderr.isatty()
-    cache = cache_dir()
-    figures = out / "figures" / run_id
     facts = machine.host_facts()
     if args.remeasure:
         machine.Measured(cache, facts["machine_id"], facts["tensorflow_version"]).forget()
@@ -255,25 +387,31 @@ def execute(args) -> int:
     print(f"bench run {run_id}: {len(jobs)} runs ({len(done)} already done) on {', '.join(devices)}; "
           f"preset {args.preset}; results -> {path}", file=sys.stderr)
     bar = tqdm(jobs, desc="sweep", unit="run", disable=not interactive)
-    for cfg, k in bar:
-        bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
-        stem = f"{cfg.name}-{cfg.device}-r{k}"
-        base = {**common, **cfg.to_dict(), "repeat": k, "repeats": args.repeats or preset.repeats_of(cfg),
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        try:
+    base = None
+    try:
+        for cfg, k in bar:
+            bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
+            stem = f"{cfg.name}-{cfg.device}-r{k}"
+            base = {**common, **cfg.to_dict(), "repeat": k, "repeats": args.repeats or preset.repeats_of(cfg),
+                    "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             row = run_one(cfg, timeout_s, logs / f"{stem}.log", env, interactive,
                           figures=figures / stem if args.figures else None, cache=cache,
                           machine_id=facts["machine_id"])
-        except KeyboardInterrupt:
-            results.add({**base, "status": "interrupted", "error": "Ctrl-C during this configuration"})
-            print(f"\nbench: interrupted; {len(results.rows)} rows kept in {path}; "
-                  f"continue with: {invoked('bench')} run --resume {path}", file=sys.stderr)
-            return INTERRUPTED_EXIT_CODE
-        results.add({**base, **row})
-        if not interactive:
-            print(f"bench: {stem}: {row.get('status')} {row.get('error', '') or ''}".rstrip(), file=sys.stderr)
+            results.add({**base, **row})
+            base = None
+            if not interactive:
+                print(f"bench: {stem}: {row.get('status')} {row.get('error', '') or ''}".rstrip(), file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (flowers_fast.errors.Terminated)
+        how = "stopped by SIGTERM" if hasattr(exc, "exit_code") else "interrupted"
+        if base is not None:
+            results.add({**base, "status": "interrupted", "error": f"{how} during this configuration"})
+        kept = sum(r.get("status") != "interrupted" for r in results.rows)
+        print(f"\nbench: {how}; {kept} finished row{'' if kept == 1 else 's'} kept in {path}; continue with: "
+              f"{invoked('bench')} run --resume {shlex.quote(str(path.resolve()))}", file=sys.stderr)
+        return getattr(exc, "exit_code", INTERRUPTED_EXIT_CODE)
     bar.close()
-    print(summary_table(pd.DataFrame(results.rows)))
+    if results.rows:
+        print(summary_table(pd.DataFrame(results.rows)))
     print(f"\nresults: {path} (also {out / 'latest.csv'})")
     from .report import write_reports
 
@@ -296,16 +434,72 @@ def _sweep_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
 
 
-def _resume_target(out: Path, resume: str) -> tuple[str, Path, dict]:
-    """The run to continue: ``--resume`` alone means the newest run under --out."""
+def _resume_target(out: Path, resume: str) -> tuple[str, Path, Path]:
+    """(run id, CSV, JSON) of the run to continue: ``--resume`` alone means the newest run under --out."""
     if resume == "latest":
         runs = sorted(out.glob("run-*.json"), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise UserError(f"--resume: no earlier run under {out}; start one with {invoked('bench')} run")
         meta = runs[-1]
     else:
-        meta = Path(resume).with_suffix(".json")
-        if not meta.exists():
-            raise UserError(f"--resume {resume}: no such run (expected {meta} beside the CSV)")
-    run_id = meta.stem[len("run-"):]
-    return run_id, meta.with_suffix(".csv"), json.loads(meta.read_text())
+        given = Path(resume)
+        if given.name == "latest.csv":
+            raise UserError(f"--resume {resume}: latest.csv is a copy of the newest run; pass --resume alone (with "
+                            "--out for its folder), or the run-*.csv it copies")
+        if given.is_dir():
+            raise UserError(f"--resume {resume}: a folder; pass a run-*.csv in it, or --resume alone with --out "
+                            f"{resume} for its newest run")
+        meta = given.with_suffix(".json")
+        if not meta.is_file():
+            raise UserError(f"--resume {resume}: no such run (expected {meta} beside the CSV); pass a run-*.csv "
+                            "that bench run wrote")
+    run_id = meta.stem[len("run-"):] if meta.stem.startswith("run-") else meta.stem
+    return run_id, meta.with_suffix(".csv"), meta
+
+
+def _saved_settings(meta: Path) -> dict:
+    """The sweep's settings saved in ``meta`` (run-*.json), checked: a DataError naming the file."""
+    def bad(why: str) -> DataError:
+        return DataError(f"{meta}: {why}; it is not a run file that bench run wrote (pass another run with "
+                         "--resume RUN_CSV, or start a new run)")
+
+    try:
+        saved = json.loads(meta.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise bad("binary content") from None
+    except json.JSONDecodeError as exc:
+        raise bad("empty" if not exc.doc.strip() else f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except OSError as exc:
+        raise DataError(f"{meta}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(saved, dict):
+        raise bad("not a JSON object")
+    checks = {"device": lambda v: v in ("cpu", "gpu", "all"), "preset": lambda v: v in configs_mod.PRESETS,
+              "configs": lambda v: v is None or isinstance(v, str),
+              "repeats": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+              "timeout": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+              "figures": lambda v: isinstance(v, bool), "remeasure": lambda v: isinstance(v, bool)}
+    for key, ok in checks.items():
+        if key in saved and not ok(saved[key]):
+            raise bad(f"{key} {saved[key]!r} is not a valid value")
+    knob_names = set(RunConfig.field_names())
+    unknown = [k for k in saved if k not in checks and k not in knob_names and k != "out"]
+    if unknown:
+        raise bad(f"unknown setting {unknown[0]!r}")
+    return saved
+
+
+def _apply_saved(args, saved: dict, meta: Path) -> None:
+    """Continue the run as it was started: its saved settings replace the flags' defaults, and a
+    flag given now that disagrees with them is a usage error (it would be silently ignored)."""
+    for key, value in vars(args).copy().items():
+        if key in ("func", "command", "resume", "out"):
+            continue
+        given = value != DEFAULTS.get(key) if key in DEFAULTS else True  # knob flags appear only when given
+        if given and saved.get(key, DEFAULTS.get(key)) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--resume: {flag} {value} differs from the run being resumed ({meta.name}: "
+                            f"{saved.get(key, 'not set')}); a resumed run keeps its settings, so drop {flag} or "
+                            "start a new run")
+    for key, value in saved.items():
+        if key != "out":
+            setattr(args, key, value)

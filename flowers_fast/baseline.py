@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from .data import no_images_left
 from .errors import DataError
 
 
@@ -30,7 +31,8 @@ def load_images(files, image_size: int = 224, rgb: bool = False, progress: bool 
         images.append(cv2.resize(img, (image_size, image_size)))
         kept.append(i)
     if not images:
-        raise DataError("no image in the dataset could be decoded; check --data-dir")
+        raise DataError(f"{skipped[0]}: cannot be decoded as an image, nor can any of the other {len(skipped) - 1} "
+                        "files; replace or remove them, or add images")
     return np.array(images), np.array(kept), skipped
 
 
@@ -41,6 +43,9 @@ def prepare(dataset, split, image_size: int = 224, rgb: bool = False, progress: 
     position = {int(k): j for j, k in enumerate(kept)}  # dataset index -> row of X
     train_rows = [position[i] for i in split.train_idx if i in position]
     test_rows = [position[i] for i in split.test_idx if i in position]
+    for part, rows, files in (("train", train_rows, split.train_files), ("test", test_rows, split.test_files)):
+        if not rows:  # Keras would stop with "Expected input data to be non-empty"
+            raise no_images_left(part, list(files))
     X_train, X_test = X[train_rows], X[test_rows]
     y_train, y_test = y[train_rows], y[test_rows]
     # float64, as in the notebook: 8 bytes per channel value.

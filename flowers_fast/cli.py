@@ -4,12 +4,14 @@ export the offline model. The train flags are generated from RunConfig's knob de
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
-from .clikit import OneLineParser, add_knob_flags, given_knobs, positive_int, run_main
+from .clikit import OneLineParser, add_knob_flags, given_knobs, knob_type, run_main
 from .config import TRAIN, RunConfig
-from .errors import OutputError, invoked
+from .errors import OutputError, UserError, invoked
 
 
 def cache_path(args) -> Path:
@@ -26,12 +28,52 @@ def add_cache_flag(parser: argparse.ArgumentParser) -> None:
 
 def check_output_folder(path: Path, flag: str) -> None:
     """Fail in a second, not after training: ``path`` must be a folder we can create and write."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {path}: is a file, not a folder; pass a folder you can write to")
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()
     except OSError as exc:
         raise OutputError(f"{flag} {path}: not writable ({exc.strerror or exc}); pass a folder you can write to") \
             from None
+
+
+def check_new_folder(path: Path, flag: str) -> None:
+    """``path`` is written whole at the end (into a temporary sibling, then renamed): it must not
+    hold anything yet, and its parent must take new files. Nothing the user has is overwritten."""
+    if path.is_symlink() or path.exists():
+        if not path.is_dir():
+            raise OutputError(f"{flag} {path}: already exists as a file; pass a new folder")
+        if any(path.iterdir()):
+            raise OutputError(f"{flag} {path}: already exists and is not empty; pass a new folder (nothing is "
+                              "overwritten)")
+    parent = path.parent
+    try:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(20, f"{parent} is a file")
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-").close()
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot be created ({exc.strerror or exc}); pass a folder you can write "
+                          "to") from None
+
+
+def write_folder(path: Path, flag: str, write) -> None:
+    """``write(tmp)`` fills a temporary folder beside ``path``, which then becomes ``path`` in one
+    rename: a failed or killed write leaves nothing half-written at ``path``."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc}); pass a folder you can write to") \
+            from None
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc}); free disk space or pass another "
+                          "folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _print_table(row: dict) -> None:
@@ -46,35 +88,63 @@ def _print_table(row: dict) -> None:
 
 def cmd_train(args) -> int:
     cfg = RunConfig.from_flags(**given_knobs(args, TRAIN))
-    for path, flag in ((args.save, "--save"), (args.figures, "--figures")):
-        if path:
-            check_output_folder(Path(path), flag)
+    if cfg.pipeline == "modelonly" and (args.save or args.figures):
+        raise UserError(f"--{'save' if args.save else 'figures'} needs a pipeline that trains on images; "
+                        "--pipeline modelonly only times train steps on random tensors")
+    # Every output is checked before the (long) training starts.
+    cache = cache_path(args)
+    save = Path(args.save).expanduser() if args.save else None
+    fig_dir = Path(args.figures).expanduser() if args.figures else None
+    if save:
+        check_new_folder(save, "--save")
+    if fig_dir:
+        if save and fig_dir.resolve() == save.resolve():
+            raise UserError("--figures and --save name the same folder; --save needs a folder of its own")
+        check_output_folder(fig_dir, "--figures")
+        from .figures import figure_names
+
+        taken = [name for name in figure_names(cfg.pipeline) if (fig_dir / name).exists()]
+        if taken:
+            raise OutputError(f"--figures {fig_dir}: already holds {taken[0]}; pass another folder (nothing is "
+                              "overwritten)")
     from . import runtime
 
     runtime.setup(cfg)
     from . import figures, train
 
-    result = train.run(cfg, cache_path(args), progress=not args.quiet, keep_model=bool(args.save))
-    written = figures.run_figures(result, Path(args.figures), cfg.pipeline) if args.figures else []
+    result = train.run(cfg, cache, progress=not args.quiet, keep_model=bool(save))
     row = {**cfg.to_dict(), **result.row}
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
-    if args.save:
-        result.model.save(args.save)
-        # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
-        (Path(args.save) / "classes.txt").write_text("\n".join(result.classes) + "\n")
-        (Path(args.save) / "run.json").write_text(cfg.to_json())
-        print(f"saved model to {args.save}")
+    # The metrics are on screen; the model goes to disk before the figures, so that a figure that
+    # cannot be written does not cost the trained model.
+    if save:
+        from .tfkeras import tf
+
+        def write(tmp: Path) -> None:
+            try:
+                result.model.save(str(tmp))
+            except tf.errors.OpError as exc:  # TensorFlow's own type for a full disk
+                raise OSError(exc.message.strip().splitlines()[0][:160]) from None
+            # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
+            (tmp / "classes.txt").write_text("\n".join(result.classes) + "\n")
+            (tmp / "run.json").write_text(cfg.to_json())
+
+        write_folder(save, "--save", write)
+        print(f"saved model to {save}")
+    written = figures.run_figures(result, fig_dir, cfg.pipeline) if fig_dir else []
     for path in written:
         print(f"wrote {path}")
     return 0
 
 
 def cmd_export(args) -> int:
+    out = Path(args.out).expanduser()
+    check_new_folder(out, "export-model")
     from .hubexport import export_random_mobilenet
 
-    path = export_random_mobilenet(Path(args.out), seed=args.seed, image_size=args.image_size)
+    path = export_random_mobilenet(out, seed=args.seed, image_size=args.image_size)
     print(f"exported a randomly initialised MobileNetV2 (Hub feature_vector format) to {path}")
     return 0
 
@@ -97,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export-model", help="write the offline random MobileNetV2 in TF Hub format")
     p.add_argument("out", help="folder to write the SavedModel to")
-    p.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    p.add_argument("--image-size", type=positive_int, default=224, help="input size in pixels (default 224)")
+    p.add_argument("--seed", type=knob_type("seed"), default=0, help="weights seed (default 0)")
+    p.add_argument("--image-size", type=knob_type("image_size"), default=224,
+                   help="input size in pixels (default 224)")
     p.set_defaults(func=cmd_export)
 
     predict.add_parser(sub)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import signal
 import sys
+import threading
 
-from .config import SWEEP, check_value, flag_of, kind_of, knobs
-from .errors import INTERRUPTED_EXIT_CODE, UserError
+from .config import SWEEP, RunConfig, check_value, flag_of, kind_of, knobs
+from .errors import BROKEN_PIPE_EXIT_CODE, INTERRUPTED_EXIT_CODE, UserError, one_line, raise_on_sigterm
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -26,6 +30,23 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type``: a number, not NaN or infinity."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def knob_type(name: str):
+    """argparse ``type`` that checks a value as RunConfig's knob ``name`` does, for commands that
+    take the same value outside ``train`` (e.g. ``export-model --seed``)."""
+    return _parse(next(f for f in dataclasses.fields(RunConfig) if f.name == name))
 
 
 def _parse(f: dataclasses.Field):
@@ -72,13 +93,29 @@ def given_knobs(args: argparse.Namespace, where: str) -> dict:
 
 
 def run_main(parser: argparse.ArgumentParser, argv=None) -> int:
-    """Parse, run, and turn user mistakes into one line and a distinct exit code."""
+    """Parse, run, and turn user mistakes into one line and a distinct exit code; SIGTERM is
+    handled like Ctrl-C (exit 143 instead of 130)."""
     args = parser.parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:
+        raise_on_sigterm()
     try:
         return args.func(args) or 0
     except UserError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt as exc:
+        print(f"{parser.prog}: {'stopped by SIGTERM' if hasattr(exc, 'exit_code') else 'interrupted'}",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", INTERRUPTED_EXIT_CODE)
+    except BrokenPipeError:
+        # The reader went away (``... | head``): drop the rest quietly, as Python's docs advise.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+            pass
+        return BROKEN_PIPE_EXIT_CODE
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -59,8 +59,9 @@ class RunConfig:
                         choices=DATASETS, group="data")
     data_dir: str | None = knob(None, "a local class-folder dataset, e.g. an extracted flower_photos",
                                 group="data", metavar="PATH")
-    num_images: int = knob(3670, "synthetic set size (the real set has 3670)", minimum=1, group="data")
-    image_size: int = knob(224, "square input size in pixels", minimum=32, group="data")
+    num_images: int = knob(3670, "synthetic set size (the real set has 3670; at least 5, one per class)", minimum=5,
+                           group="data")
+    image_size: int = knob(224, "square input size in pixels (32..1024)", minimum=32, maximum=1024, group="data")
     test_fraction: float = knob(0.25, "share of the images held out for testing (the notebook's 0.25)",
                                 group="data")
     seed: int = knob(0, "split, synthetic data and head initialisation seed", minimum=0, maximum=2**32 - 1,
@@ -157,6 +158,9 @@ def data_service_address(address: str) -> tuple[str, int]:
 def implied(given: dict) -> dict:
     """``given`` knob values plus what they imply: ``--data-dir`` alone means the flowers dataset."""
     given = dict(given)
+    if given.get("data_dir") and given.get("dataset", "flowers") != "flowers":
+        raise UserError(f"--data-dir reads a local folder, but --dataset {given['dataset']} was given too; drop one "
+                        "of them (--data-dir alone means --dataset flowers from that folder)")
     if given.get("data_dir") and not given.get("dataset"):
         given["dataset"] = "flowers"
     return given
@@ -193,6 +197,8 @@ def check_value(f: dataclasses.Field, value) -> str | None:
             return f"must be a finite number, got {value!r}"
     if kind is str and not isinstance(value, str):
         return f"must be text, got {value!r}"
+    if kind is str and not value.strip():
+        return f"must not be empty, got {value!r}"
     if meta["choices"] and value not in meta["choices"]:
         return f"{value!r} is not one of {', '.join(meta['choices'])}"
     if meta["minimum"] is not None and value < meta["minimum"]:

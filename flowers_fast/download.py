@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .errors import DownloadError, OfflineError
+from .errors import DownloadError, OfflineError, OutputError
 
 try:  # POSIX only; elsewhere concurrent fetches are simply not guarded.
     import fcntl
@@ -50,10 +50,19 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     raw = explicit or os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "flowers_fast"
     path = Path(raw).expanduser()
     try:
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(17, "a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()
     except OSError as e:
-        raise DownloadError(f"cannot create cache folder {path}: {e.strerror or e}; "
-                            f"set {ENV_CACHE} to a writable folder") from e
+        # Name where the folder came from, so the advice fits what the user actually did.
+        if explicit:
+            where, fix = f"--cache-dir {path}", "pass a folder you can write to"
+        elif os.environ.get(ENV_CACHE):
+            where, fix = f"{ENV_CACHE}={path}", f"set {ENV_CACHE} to a folder you can write to"
+        else:
+            where, fix = f"the cache folder {path}", f"set {ENV_CACHE} to a folder you can write to"
+        raise OutputError(f"{where}: not a writable folder ({e.strerror or e}); {fix}") from None
     return path
 
 

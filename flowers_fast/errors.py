@@ -15,10 +15,13 @@ keeps its traceback.
 | 8 | output: a result or figure cannot be written |
 | 9 | a sweep finished, but some configurations failed (see their rows) |
 | 130 | interrupted (Ctrl-C) |
+| 141 | standard output closed early (e.g. piped into ``head``): the rest is dropped quietly |
+| 143 | stopped by SIGTERM (e.g. ``kill``, a job scheduler): cleaned up like Ctrl-C |
 
 Messages that name a command name it as the user invoked it (:func:`invoked`).
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +59,28 @@ class OutputError(UserError):
 REGRESSION_EXIT_CODE = 1
 RUN_FAILED_EXIT_CODE = 9
 INTERRUPTED_EXIT_CODE = 130
+BROKEN_PIPE_EXIT_CODE = 141
+TERMINATED_EXIT_CODE = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that the same clean-up runs (the sweep marks the
+    running configuration interrupted and kills its worker) and nothing finished is lost."""
+
+    exit_code = TERMINATED_EXIT_CODE
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this (main) thread."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a file name may hold a newline, which must not split the error."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
 # python -m <module>  <->  the console script pyproject installs for it

@@ -76,11 +76,11 @@ def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path
 
 def _thumbnail(path, size: int = 160):
     """The image at ``path`` as an RGB array no larger than ``size``, or None if unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img).convert("RGB")  # upright, as the model saw it
             img.thumbnail((size, size))
             return np.asarray(img)
     except (OSError, UnidentifiedImageError, ValueError):
@@ -126,6 +126,11 @@ def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequen
     fig.suptitle(f"true / predicted ({len(chosen)} of {count} test images, {shown_wrong} wrong shown in red)",
                  fontsize=10)
     return save_figure(fig, Path(out_path))
+
+
+def figure_names(stem: str) -> tuple[str, ...]:
+    """The files ``run_figures`` writes for ``stem``, so callers can check them before training."""
+    return f"{stem}-confusion.csv", f"{stem}-confusion.png", f"{stem}-predictions.png"
 
 
 def run_figures(result, folder: str | Path, stem: str) -> list[Path]:

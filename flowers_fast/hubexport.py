@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from . import mobilenet
+from .errors import OutputError
 from .tfkeras import keras, tf
 
 EXPORT_VERSION = 2  # feature vector
@@ -56,8 +57,12 @@ def export_random(path: str | Path, build, note: str, seed: int, image_size: int
     mobilenet.orthogonal_init(model, seed)
     mobilenet.calibrate_batch_norm(model, mobilenet.calibration_images(calibration, image_size, seed))
     module = _hub_module(model, image_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the model here ({exc.strerror or exc}); pass a folder you can "
+                          "write to") from None
     try:
         tf.saved_model.save(module, str(tmp))
         (tmp / WEIGHTS_MARKER).write_text(note + "\n")
@@ -66,6 +71,10 @@ def export_random(path: str | Path, build, note: str, seed: int, image_size: int
         except OSError:  # another process finished first; theirs is identical
             if not (path / "saved_model.pb").exists():
                 raise
+    except (OSError, tf.errors.OpError) as exc:  # a full disk: nothing half-written is left behind
+        why = getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc)
+        raise OutputError(f"{path}: cannot write the model ({why.splitlines()[0][:120]}); free disk space or pass "
+                          "another folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

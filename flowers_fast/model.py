@@ -70,8 +70,10 @@ def resolve_handle(handle: str, cache: Path, kind: str = FEATURE_VECTOR, seed: i
     return str(path), weights
 
 
-def load_hub_layer(handle: str, trainable: bool = False, name: str = "backbone") -> "hub.KerasLayer":
-    """``hub.KerasLayer(handle)``; a download or load failure is one line (offline: exit 6)."""
+def load_hub_layer(handle: str, trainable: bool = False, name: str = "backbone",
+                   weights: str = "pretrained") -> "hub.KerasLayer":
+    """``hub.KerasLayer(handle)``; a download or load failure is one line (offline: exit 6).
+    ``weights`` as from resolve_handle: ``random`` means our own export, in the cache."""
     try:
         return hub.KerasLayer(handle, trainable=trainable, name=name)
     except Exception as exc:
@@ -79,6 +81,11 @@ def load_hub_layer(handle: str, trainable: bool = False, name: str = "backbone")
             raise OfflineError(f"--model-handle {handle}: could not download ({type(exc).__name__}); offline, pass "
                                "--model-handle PATH (an extracted Hub SavedModel) or --model-handle random") from None
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        if weights == "random" and Path(handle).parent.name == "models":
+            # Our export in the cache, damaged (a full disk, a killed copy): the user gave "random".
+            raise ModelError(f"--model-handle random: the offline model cached at {handle} cannot be loaded "
+                             f"({type(exc).__name__}: {first}); delete that folder and rerun to export it "
+                             "again") from None
         raise ModelError(f"--model-handle {handle}: could not load as a Hub model ({type(exc).__name__}: "
                          f"{first})") from None
 
@@ -113,7 +120,7 @@ def _check_features(layer, handle: str, image_size: int) -> int:
 
 def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     handle, weights = resolve_handle(cfg.model_handle, cache, FEATURE_VECTOR, cfg.seed, cfg.image_size)
-    hub_layer = load_hub_layer(handle, trainable=cfg.fine_tune)
+    hub_layer = load_hub_layer(handle, trainable=cfg.fine_tune, weights=weights)
     dim = _check_features(hub_layer, handle, cfg.image_size)
     if cfg.precision == "fp32":
         return Backbone(hub_layer, handle, weights, "float32", dim)

@@ -24,6 +24,7 @@ from .config import HUB_CLASSIFIER
 from .errors import DataError, ModelError
 
 HUB_SIZE = 224
+PREDICT_BATCH = 32
 DEFAULT_CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
 
 
@@ -63,11 +64,14 @@ def check_images(paths) -> list[Path]:
 
 
 def read_image(path: Path, size: int | None = None):
-    """uint8 RGB [H, W, 3] decoded like the tf.data pipeline, or resized (``resize``) when ``size``."""
+    """uint8 RGB [H, W, 3] decoded like the tf.data pipeline (upright by its EXIF orientation, as a
+    phone photo shows), or resized (``resize``) when ``size``."""
+    from . import data
+    from .pipeline import decode_upright
     from .tfkeras import tf
 
     try:
-        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+        image = decode_upright(tf.io.read_file(str(path)), data.exif_orientations([path])[0])
     except (tf.errors.OpError, ValueError) as exc:
         why = re.sub(r"\{\{.*?\}\}|\s*\[Op:.*", "", getattr(exc, "message", "") or str(exc)).strip().splitlines()
         raise DataError(f"{path}: cannot be decoded as an image ({why[0][:120] if why else type(exc).__name__})") \
@@ -96,11 +100,11 @@ def resolve_classifier(handle: str, cache: Path) -> tuple[str, str]:
     return resolve_handle(handle, cache, CLASSIFICATION)
 
 
-def load_hub_classifier(handle: str):
+def load_hub_classifier(handle: str, weights: str = "pretrained"):
     """hub.KerasLayer for ``handle`` after checking it outputs ImageNet logits; (layer, labels)."""
     from .model import load_hub_layer, output_shape
 
-    layer = load_hub_layer(handle, name="classifier")
+    layer = load_hub_layer(handle, name="classifier", weights=weights)
     shape = output_shape(layer, handle, HUB_SIZE, hint="pass a Hub classification model")
     labels = imagenet_labels()
     n = int(shape[-1]) if len(shape) == 2 else -1
@@ -184,29 +188,36 @@ def cmd_predict(args) -> int:
     from .download import cache_dir
 
     images = check_images(args.images)
+    if args.checkpoint and not Path(args.checkpoint).expanduser().exists():
+        load_checkpoint(args.checkpoint)  # its one-line error, before TensorFlow starts
+    cache = None if args.checkpoint else cache_dir(args.cache_dir)
     from .tfkeras import tf
 
-    # Decode first: a bad image fails in seconds, before any model is loaded.
-    raw = [read_image(p, None) for p in images]
+    # Decode first: a bad image fails in seconds, before any model is loaded. (Decoded again
+    # below, a batch at a time, so that many large photos never sit in memory at once.)
+    for p in images:
+        read_image(p, None)
     if args.checkpoint:
         model, size, kind, labels = load_checkpoint(args.checkpoint)
         print(f"predict: checkpoint {args.checkpoint} ({len(labels)} classes: {', '.join(labels)}); "
               f"top {min(args.top, len(labels))} with softmax probabilities")
     else:
-        handle, weights = resolve_classifier(args.model_handle, cache_dir(args.cache_dir))
-        model, labels = load_hub_classifier(handle)
+        handle, weights = resolve_classifier(args.model_handle, cache)
+        model, labels = load_hub_classifier(handle, weights)
         size, kind = HUB_SIZE, "unit"
         print(f"predict: {handle} (weights {weights}), {len(labels)} ImageNet classes; "
               f"top {min(args.top, len(labels))} with softmax probabilities")
-    batch = tf.stack([resize(image, size) for image in raw])
-    if kind == "uint8":
-        batch = tf.cast(tf.round(batch), tf.uint8)
-    elif kind == "unit":
-        batch = batch / 255.0
-    elif kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
-        batch = tf.reverse(batch, axis=[-1]) / 255.0
-    logits = model(batch, training=False)
-    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+    probs = []
+    for start in range(0, len(images), PREDICT_BATCH):  # bounded memory however many images are given
+        batch = tf.stack([read_image(p, size) for p in images[start:start + PREDICT_BATCH]])
+        if kind == "uint8":
+            batch = tf.cast(tf.round(batch), tf.uint8)
+        elif kind == "unit":
+            batch = batch / 255.0
+        elif kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
+            batch = tf.reverse(batch, axis=[-1]) / 255.0
+        logits = model(batch, training=False)
+        probs.extend(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy())
     k = min(args.top, len(labels))
     for path, p in zip(images, probs):
         print(path)

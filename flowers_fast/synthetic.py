@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import OutputError
+
 CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
 # The real set's frames: mostly 320x240 .. 500x375, landscape and portrait.
 SIZES = ((320, 240), (400, 300), (500, 375), (500, 333), (240, 320), (333, 500), (375, 500), (320, 320))
@@ -73,6 +75,14 @@ def generate(root: Path, num_images: int, seed: int) -> Path:
     root = Path(root)
     if (root / ".complete").exists():
         return root
+    try:
+        return _generate(root, num_images, seed)
+    except OSError as exc:  # a full disk or a read-only cache: nothing half-written is left behind
+        raise OutputError(f"cannot write the synthetic set into {root.parent} ({exc.strerror or exc}); free disk "
+                          "space, or use another cache folder (--cache-dir or FLOWERS_FAST_CACHE)") from None
+
+
+def _generate(root: Path, num_images: int, seed: int) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
     try:

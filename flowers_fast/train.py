@@ -10,6 +10,7 @@ evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from . import baseline, data, distribute, metrics, pipeline
 from . import model as models
 from .config import RunConfig
-from .errors import DataError
+from .errors import DataError, UserError
 from .tfkeras import keras, tf
 
 MODELONLY_CLASSES = 5  # modelonly has no dataset: the flowers' five classes
@@ -131,6 +132,21 @@ class _Progress(keras.callbacks.Callback):
             self.bar.close()
 
 
+class _StopOnDivergence(keras.callbacks.Callback):
+    """A loss that became NaN or infinite (a --learning-rate too large) is an error, not a model:
+    the run stops at the end of that epoch instead of reporting the accuracy of NaN weights."""
+
+    def __init__(self, learning_rate: float):
+        super().__init__()
+        self.learning_rate = learning_rate
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise UserError(f"--learning-rate {self.learning_rate:g}: training diverged (loss {float(loss)} in epoch "
+                            f"{epoch + 1}); use a smaller --learning-rate, e.g. the default 0.001")
+
+
 def _compiled(ctx: RunContext, build) -> "keras.Model":
     """``build()`` under the strategy's scope, compiled for this configuration."""
     with ctx.strategy.scope():
@@ -148,7 +164,7 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     timer = metrics.EpochTimer()
     steps = -(-n_train // ctx.global_batch)
     model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0,
-              callbacks=[timer, _Progress(steps, label, ctx.progress)])
+              callbacks=[timer, _Progress(steps, label, ctx.progress), _StopOnDivergence(cfg.learning_rate)])
     times = timer.times
     row.update(first_epoch_s=times[0], **metrics.steady(times), train_s=sum(times))
     row["train_img_s"] = n_train / row["steady_epoch_s"] if len(times) > 1 else n_train / times[0]
@@ -189,9 +205,16 @@ def _kept(files, skipped):
     return tuple(f for f in files if f not in gone)
 
 
-def _record_prep(ctx: RunContext, seconds: float, n_train: int, n_test: int, skipped, channels: str) -> None:
+def _record_prep(ctx: RunContext, seconds: float, n_train: int, n_test: int, skipped, channels: str,
+                 oriented: int | None = None, exif: str = "applied") -> None:
+    """Preparation facts for the row. ``oriented``: files whose EXIF orientation asks for a turn
+    (counted here, untimed, when the pipeline did not read it itself); ``exif``: whether this
+    pipeline turns them upright (``applied``) or uses the pixels as stored (``ignored``)."""
+    if oriented is None:
+        oriented = sum(o != 1 for o in data.exif_orientations(ctx.split.train_files + ctx.split.test_files))
     ctx.row.update(data_prep_s=seconds, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
-                   skipped_list=";".join(skipped), channel_order=channels)
+                   skipped_list=";".join(skipped), channel_order=channels, exif_oriented_files=oriented,
+                   exif_orientation=exif)
 
 
 # --- the runners ----------------------------------------------------------------------------
@@ -222,20 +245,34 @@ def _run_tutorial(ctx: RunContext) -> RunResult:
         try:
             n_train = sum(int(tf.shape(x)[0]) for x, _ in train_ds)
             n_test = sum(int(tf.shape(x)[0]) for x, _ in test_ds)
-        except tf.errors.InvalidArgumentError as exc:
-            # The tutorial's loader stops at the first undecodable file; ours skips and counts.
-            raise DataError(f"--pipeline tutorial: an image cannot be decoded ({str(exc).splitlines()[0][:120]}); "
-                            "remove it, or use --pipeline tfdata, which skips and counts such files") from None
+        except tf.errors.InvalidArgumentError:
+            # The tutorial's loader stops at the first undecodable file (ours skips and counts);
+            # TensorFlow does not say which file, so find them.
+            raise _tutorial_decode_error(split.train_files + split.test_files) from None
         prep = time.perf_counter() - start
-        _record_prep(ctx, prep, n_train, n_test, [], "RGB")
+        # TF's loader uses the pixels as stored: EXIF orientation ignored, unlike cv2 and our tf.data.
+        _record_prep(ctx, prep, n_train, n_test, [], "RGB", exif="ignored")
         ctx.row["skipped_files"] = len(split.train_files) + len(split.test_files) - n_train - n_test
         return _train_on_datasets(ctx, train_ds, test_ds, n_train, n_test, prep, "float255")
+
+
+def _tutorial_decode_error(files) -> DataError:
+    """Which of ``files`` the tutorial's loader (``tf.io.decode_image``) cannot decode, as one error."""
+    bad = []
+    for path in files:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.OpError, ValueError):
+            bad.append(path)
+    first = bad[0] if bad else "an image"
+    return DataError(f"{first}: cannot be decoded as an image by the tutorial's loader ({len(bad)} such files), "
+                     "which stops at them; remove them, or use --pipeline tfdata, which skips and counts them")
 
 
 def _run_tfdata(ctx: RunContext) -> RunResult:
     cfg = ctx.cfg
     dec = pipeline.prepare(cfg, ctx.split, ctx.progress)
-    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB")
+    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB", dec.oriented)
     train_ds = distribute.maybe_data_service(pipeline.train_dataset(dec.train, cfg, ctx.global_batch), cfg)
     test_ds = pipeline.eval_dataset(dec.test, cfg, ctx.global_batch)
     result = _train_on_datasets(ctx, train_ds, test_ds, dec.n_train, dec.n_test, dec.seconds, "uint8")
@@ -277,7 +314,7 @@ def _run_featcache(ctx: RunContext) -> RunResult:
     """Frozen backbone, no augmentation: compute each image's features once, train the head on them."""
     cfg, row = ctx.cfg, ctx.row
     dec = pipeline.prepare(cfg, ctx.split, ctx.progress)
-    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB")
+    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB", dec.oriented)
     f_train, y_train, f_test, y_test, feature_pass, test_pass = _feature_pass(ctx, dec)
     train_ds, test_ds = pipeline.feature_datasets(f_train, y_train, f_test, y_test, cfg, ctx.global_batch)
 

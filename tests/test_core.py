@@ -104,7 +104,7 @@ def test_split_is_deterministic_and_changes_with_seed():
 
 
 def test_split_rejects_too_few_images():
-    with pytest.raises(DataError, match="too few"):
+    with pytest.raises(DataError, match="leave 0 for training.*--test-fraction"):
         data.split(_fake_folder(1, classes=1), 0.25, seed=0)
 
 
