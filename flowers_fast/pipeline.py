@@ -97,7 +97,13 @@ def _first_pass(decoded, files, strict: bool, progress: bool, label: str) -> lis
     for _, _, paths in tqdm(decoded.batch(256), desc=f"{label}: decode+cache", unit="batch", disable=not progress,
                             leave=False):
         seen.update(p.decode() for p in paths.numpy())
-    skipped = sorted(set(files) - seen)
+    return undecodable(files, seen, strict)
+
+
+def undecodable(files, seen, strict: bool) -> list[str]:
+    """The files that did not come out of a decode pass (``seen``: the paths that did): a
+    DataError with --strict, or when none decoded."""
+    skipped = sorted(set(files) - set(seen))
     if skipped and strict:
         raise DataError(f"{skipped[0]}: cannot be decoded as an image ({len(skipped)} such files); remove them or "
                         "drop --strict to skip them")
@@ -134,6 +140,14 @@ def train_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) -
 
 def eval_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) -> "tf.data.Dataset":
     return decoded.batch(batch_size).prefetch(AUTOTUNE).with_options(options(cfg, training=False))
+
+
+def feature_stream(files, labels, cfg: RunConfig, batch_size: int) -> "tf.data.Dataset":
+    """featcache's one-time pass: (uint8 images, labels, paths) batches decoded on the fly, in file
+    order. No cache: each image is read once, so a cache would only cost memory; parallel decode
+    and prefetch overlap decoding with the backbone, and memory holds a few batches, not the set."""
+    ds = decode_dataset(files, labels, cfg, with_path=True)
+    return ds.batch(batch_size).prefetch(AUTOTUNE).with_options(options(cfg, training=False))
 
 
 def feature_datasets(f_train, y_train, f_test, y_test, cfg: RunConfig, batch_size: int):
