@@ -20,6 +20,7 @@ PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "modelonly")
 DATASETS = ("synthetic", "flowers", "tfds")
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "mixed")
+ENGINES = ("tf", "openvino")
 STRATEGIES = ("default", "mirrored", "multiworker")
 CACHES = ("memory", "file", "none")
 
@@ -73,6 +74,9 @@ class RunConfig:
     fine_tune: bool = knob(False, "train the backbone too (default: frozen)", where=(TRAIN,), group="model")
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions",
                           choices=PRECISIONS, where=(TRAIN,), group="model")
+    engine: str = knob("tf", "what runs featcache's frozen feature pass: tf (TensorFlow) or openvino (OpenVINO, CPU "
+                       "only; with --precision mixed it runs bfloat16, where the CPU has native bf16)",
+                       choices=ENGINES, where=(TRAIN,), group="model")
     xla_step: bool = knob(False, "jit_compile the whole train/eval step", flag="xla", where=(TRAIN,), group="model")
     xla_backbone: bool = knob(False, "jit_compile only the backbone forward (featcache's feature pass)",
                               where=(TRAIN,), group="model")
@@ -115,6 +119,15 @@ class RunConfig:
             raise UserError(f"--data-service works with --pipeline tfdata only, not {self.pipeline}")
         if self.data_service:
             data_service_address(self.data_service)
+        if self.engine == "openvino":
+            if self.pipeline != "featcache":
+                raise UserError(f"--engine openvino runs featcache's frozen feature pass; use --pipeline featcache, "
+                                f"or --engine tf with --pipeline {self.pipeline}")
+            if self.device != "cpu":
+                raise UserError(f"--engine openvino runs on the CPU only; use --device cpu, or --engine tf on "
+                                f"--device {self.device}")
+            if self.xla_backbone:
+                raise UserError("--xla-backbone compiles TensorFlow's feature pass; drop it with --engine openvino")
         if self.fine_tune and self.pipeline == "featcache":
             raise UserError("--pipeline featcache needs a frozen backbone; drop --fine-tune or use --pipeline tfdata")
 

@@ -115,7 +115,8 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     handle, weights = resolve_handle(cfg.model_handle, cache, FEATURE_VECTOR, cfg.seed, cfg.image_size)
     hub_layer = load_hub_layer(handle, trainable=cfg.fine_tune)
     dim = _check_features(hub_layer, handle, cfg.image_size)
-    if cfg.precision == "fp32":
+    if cfg.precision == "fp32" or cfg.engine == "openvino":
+        # OpenVINO converts the float32 Hub function and lowers the precision itself.
         return Backbone(hub_layer, handle, weights, "float32", dim)
     native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}", handle)
     native.trainable = cfg.fine_tune

@@ -68,6 +68,8 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     """Train and evaluate ``cfg``; the process-global setup (runtime.setup) must be done first."""
     t_start = time.perf_counter()
     runner = RUNNERS[cfg.pipeline]
+    if cfg.engine == "openvino":
+        engine.check_precision(cfg.precision)  # before any work: bf16 where the CPU has none
     strategy = distribute.strategy(cfg)
     replicas = strategy.num_replicas_in_sync
     ctx = RunContext(cfg, cache, progress, strategy, cfg.batch_size * replicas,
@@ -263,7 +265,7 @@ def _feature_engine(ctx: RunContext) -> tuple[engine.Engine, float]:
     compile, OpenVINO's first inference): (engine, warm-up seconds); its setup is ``setup_s``."""
     cfg = ctx.cfg
     fn = models.feature_function(ctx.backbone, cfg.image_size, cfg.xla_backbone)
-    eng = engine.make("tf", fn, cfg.precision, ctx.backbone.compute_dtype)
+    eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
     eng(np.zeros((cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3), np.uint8))
     return eng, time.perf_counter() - start

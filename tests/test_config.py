@@ -93,6 +93,10 @@ def test_bad_values_are_one_line_usage_errors(argv, needle, capsys):
     (dict(pipeline="featcache", fine_tune=True), "featcache needs a frozen backbone"),
     (dict(pipeline="naive", data_service="grpc://h:1"), "--data-service works with --pipeline tfdata only"),
     (dict(data_service="h:5050"), "grpc://HOST:PORT"),
+    (dict(engine="onnx"), "--engine 'onnx' is not one of tf, openvino"),
+    (dict(engine="openvino"), "--engine openvino runs featcache's frozen feature pass"),
+    (dict(pipeline="featcache", engine="openvino", device="gpu"), "--engine openvino runs on the CPU only"),
+    (dict(pipeline="featcache", engine="openvino", xla_backbone=True), "drop it with --engine openvino"),
 ])
 def test_the_dataclass_checks_the_same_things_for_python_callers(changes, needle):
     with pytest.raises(UserError, match=needle) as err:

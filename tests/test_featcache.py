@@ -67,3 +67,14 @@ def test_featcache_streams_counts_skips_and_keeps_labels_aligned(with_bad_files,
     assert [classes[y] for y in result.y_true] == [Path(f).parent.name for f in result.test_files]
     with pytest.raises(DataError, match="cannot be decoded"):
         train.run(cfg.replace(strict=True), cache, progress=False)
+
+
+def test_featcache_on_openvino_matches_tensorflow(tiny_cfg, cache):
+    cfg = tiny_cfg(pipeline="featcache", epochs=2)
+    on_tf = train.run(cfg, cache, progress=False).row
+    on_ov = train.run(cfg.replace(engine="openvino"), cache, progress=False).row
+    assert on_ov["compute_dtype"] == "float32" and on_ov["engine_setup_s"] > 0 and on_tf["engine_setup_s"] == 0
+    assert on_ov["test_images"] == on_tf["test_images"]
+    # Same features to about 1e-5, the same head initialisation: at most one test image apart.
+    assert abs(on_ov["test_accuracy"] - on_tf["test_accuracy"]) <= 1.0 / on_tf["test_images"] + 1e-9
+    assert on_ov["total_s"] > on_ov["engine_setup_s"] + on_ov["feature_pass_s"]
