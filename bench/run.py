@@ -192,6 +192,22 @@ def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
     return preset, [c.replace(**overrides) for c in chosen]
 
 
+def plan_jobs(cfgs: list[RunConfig], devices: list[str], repeats: int, done: set) -> tuple[list, list[str]]:
+    """(configuration on device, repeat) for every run not ``done``, and why configurations that
+    cannot run on a device (e.g. featcache-ov on a GPU: OpenVINO is CPU-only here) are left out."""
+    jobs, not_here = [], []
+    for d in devices:
+        for c in cfgs:
+            try:
+                on_device = c.replace(device=d)
+            except UserError as exc:
+                not_here.append(f"{c.name} on {d}: {exc}")
+                continue
+            jobs += [(on_device, k) for k in range(repeats) if (c.name, d, k) not in done]
+    # Repeat-major, as before: a sweep killed halfway has every configuration at least once.
+    return sorted(jobs, key=lambda job: job[1]), not_here
+
+
 def execute(args) -> int:
     out = Path(args.out)
     if args.resume:
@@ -215,8 +231,9 @@ def execute(args) -> int:
     # Interrupted rows are re-run on resume; ok and error rows are results and stay.
     results.drop(lambda r: r.get("status") != "interrupted")
     done = {(r["name"], r["device"], int(r["repeat"])) for r in results.rows}
-    jobs = [(c.replace(device=d), k) for k in range(repeats) for d in devices for c in cfgs
-            if (c.name, d, k) not in done]
+    jobs, not_here = plan_jobs(cfgs, devices, repeats, done)
+    for message in not_here:
+        print(f"bench: skipping {message}", file=sys.stderr)
     logs = out / "logs" / run_id
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -247,7 +264,8 @@ def execute(args) -> int:
     bar.close()
     print(summary_table(pd.DataFrame(results.rows)))
     print(f"\nresults: {path} (also {out / 'latest.csv'})")
-    return 0 if all(r.get("status") == "ok" for r in results.rows) else RUN_FAILED_EXIT_CODE
+    # A skipped row (the hardware lacks what a configuration needs, e.g. bf16) is a result, not a failure.
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
 
 
 def summary_table(df: pd.DataFrame) -> str:

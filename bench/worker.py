@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from flowers_fast.errors import INTERRUPTED_EXIT_CODE, UserError
+from flowers_fast.errors import INTERRUPTED_EXIT_CODE, UnsupportedError, UserError
 
 
 def _write(out: Path, row: dict) -> None:
@@ -71,7 +71,10 @@ def main(argv=None) -> int:
         if not isinstance(exc, UserError):
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _write(out, {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500]})
+        if isinstance(exc, UnsupportedError):  # e.g. bf16 asked on a CPU without it: a row that says why
+            _write(out, {"status": "skipped", "error": message[:500]})
+        else:
+            _write(out, {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500]})
         return getattr(exc, "exit_code", 1)
 
 

@@ -78,3 +78,16 @@ def test_featcache_on_openvino_matches_tensorflow(tiny_cfg, cache):
     # Same features to about 1e-5, the same head initialisation: at most one test image apart.
     assert abs(on_ov["test_accuracy"] - on_tf["test_accuracy"]) <= 1.0 / on_tf["test_images"] + 1e-9
     assert on_ov["total_s"] > on_ov["engine_setup_s"] + on_ov["feature_pass_s"]
+
+
+# --- in the sweep ---------------------------------------------------------------------------------
+
+def test_cpu_only_configurations_are_left_out_on_a_gpu_with_the_reason():
+    from bench import configs, run
+
+    cfgs = [configs.CONFIGS["featcache"], configs.CONFIGS["featcache-ov"]]
+    jobs, not_here = run.plan_jobs(cfgs, ["cpu", "gpu"], 2, done={("featcache", "cpu", 0)})
+    assert [(c.name, c.device, k) for c, k in jobs] == [
+        ("featcache-ov", "cpu", 0), ("featcache", "gpu", 0), ("featcache", "cpu", 1), ("featcache-ov", "cpu", 1),
+        ("featcache", "gpu", 1)]
+    assert len(not_here) == 1 and "featcache-ov on gpu" in not_here[0] and "CPU only" in not_here[0]
