@@ -86,6 +86,9 @@ class RunConfig:
     feature_batch_size: int = knob(32, "featcache's one-time backbone pass: images per inference call (larger "
                                    "batches were no faster on a 2-core CPU and hold more activations in memory)",
                                    minimum=1, group="training")
+    reuse_features: bool = knob(False, "featcache: keep the features on disk and skip the feature pass when the "
+                                "model, engine, precision, image size and files (sizes, modification times) are "
+                                "unchanged; other pipelines ignore it", group="training")
     learning_rate: float = knob(1e-3, "Adam learning rate", group="training")
     # input pipeline craft
     naive_rgb: bool = knob(False, "naive pipeline: fix the notebook's BGR channel order", flag="rgb",

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, data, distribute, engine, metrics, pipeline
+from . import baseline, data, distribute, engine, featurestore, metrics, pipeline
 from . import model as models
 from .config import RunConfig
 from .errors import DataError
@@ -290,22 +290,49 @@ def _stream_features(ctx: RunContext, eng: engine.Engine, files, labels, part: s
     return Features(feats, y, kept, seconds)
 
 
+def _stored_features(stored: dict, files, labels, strict: bool) -> Features:
+    """One part's features from a ``featurestore`` file: the files it lacks did not decode."""
+    kept = tuple(f for f in files if f in stored)
+    pipeline.undecodable(files, kept, strict)
+    label_of = dict(zip(files, labels))
+    return Features(np.stack([stored[f] for f in kept]), np.asarray([label_of[f] for f in kept], np.int32), kept, 0.0)
+
+
 def _run_featcache(ctx: RunContext) -> RunResult:
     """Frozen backbone, no augmentation: compute each image's features once, streamed straight
     from the files, then train the head on them. The train images' pass counts towards a trained
-    model, the test images' towards evaluation; the engine's setup and warm-up are timed apart."""
+    model, the test images' towards evaluation; the engine's setup and warm-up are timed apart.
+    With ``reuse_features``, features stored by an earlier run with the same key are loaded instead."""
     cfg, row, split = ctx.cfg, ctx.row, ctx.split
-    eng, warm = _feature_engine(ctx)
-    train_f = _stream_features(ctx, eng, split.train_files, split.train_labels, "train")
-    test_f = _stream_features(ctx, eng, split.test_files, split.test_labels, "test")
+    digest, parts, stored = "", {}, None
+    if cfg.reuse_features:
+        digest, parts = featurestore.key(cfg, ctx.backbone.handle, ctx.backbone.compute_dtype,
+                                         split.train_files + split.test_files)
+        start = time.perf_counter()
+        stored = featurestore.load(ctx.cache, digest)
+    if stored is not None:
+        train_f = _stored_features(stored[0], split.train_files, split.train_labels, cfg.strict)
+        test_f = _stored_features(stored[0], split.test_files, split.test_labels, cfg.strict)
+        # No pass ran: its cost is reading the file; its rate is not measured.
+        train_f.seconds = time.perf_counter() - start
+        eng, warm, precision, pass_rate = None, 0.0, stored[1], float("nan")
+        row.update(engine_setup_s=0.0)
+    else:
+        eng, warm = _feature_engine(ctx)
+        train_f = _stream_features(ctx, eng, split.train_files, split.train_labels, "train")
+        test_f = _stream_features(ctx, eng, split.test_files, split.test_labels, "test")
+        precision, pass_rate = eng.precision, len(train_f.files) / train_f.seconds
+        row.update(engine_setup_s=eng.setup_s)
+        if digest:
+            featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
+                              np.concatenate([train_f.features, test_f.features]), precision)
     skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
     # Decoding happens inside the feature pass: there is no separate preparation step.
     _record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
-    feature_pass = eng.setup_s + warm + train_f.seconds
-    row.update(engine_setup_s=eng.setup_s, compute_dtype=eng.precision, feature_pass_warmup_s=warm,
-               feature_pass_s=train_f.seconds, feature_pass_img_s=len(train_f.files) / train_f.seconds,
-               test_feature_pass_s=test_f.seconds,
-               feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
+    feature_pass = row["engine_setup_s"] + warm + train_f.seconds
+    row.update(compute_dtype=precision, feature_pass_warmup_s=warm, feature_pass_s=train_f.seconds,
+               feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
+               features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
     train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
                                                   cfg, ctx.global_batch)
 
@@ -323,6 +350,8 @@ def _run_featcache(ctx: RunContext) -> RunResult:
     row["eval_img_s"] = n_test / row["eval_s"]
     row["decode_img_s"] = float("nan")
     if cfg.breakdown:
+        if eng is None:  # features were reused: the engine is built only to be measured
+            eng, _ = _feature_engine(ctx)
         x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3),
                                               dtype=np.uint8)
         # Several batches per call, so that an engine with several streams keeps them all busy.
@@ -334,7 +363,8 @@ def _run_featcache(ctx: RunContext) -> RunResult:
             cfg.feature_batch_size)
         row["decode_img_s"] = input_rate
         # The stage that the backbone limits is the feature pass, not the head's epochs.
-        _breakdown(ctx, rate, warm_s, input_rate=input_rate, e2e_rate=row["feature_pass_img_s"])
+        _breakdown(ctx, rate, warm_s, input_rate=input_rate,
+                   e2e_rate=None if stored is not None else row["feature_pass_img_s"])
     return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=test_f.files)
 
 

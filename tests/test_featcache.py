@@ -3,13 +3,17 @@ kept, undecodable files counted), on either engine."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from flowers_fast import data, pipeline, synthetic, train
+from flowers_fast import data, engine, featurestore, pipeline, synthetic, train
+from flowers_fast import model as models
+from flowers_fast.config import RunConfig
 from flowers_fast.errors import DataError
 from flowers_fast.tfkeras import tf
 
@@ -51,33 +55,101 @@ def with_bad_files(tmp_path_factory):
     return root
 
 
-def test_featcache_streams_counts_skips_and_keeps_labels_aligned(with_bad_files, tiny_cfg, cache):
-    cfg = tiny_cfg(pipeline="featcache", data_dir=str(with_bad_files), dataset="flowers", epochs=2, batch_size=4,
-                   feature_batch_size=4)
-    result = train.run(cfg, cache, progress=False)
-    row = result.row
+@pytest.fixture(scope="module")
+def bad_cfg(with_bad_files, small_model):
+    return RunConfig(pipeline="featcache", data_dir=str(with_bad_files), dataset="flowers", image_size=96, epochs=2,
+                     batch_size=4, feature_batch_size=4, model_handle=str(small_model), breakdown=False)
+
+
+@pytest.fixture(scope="module")
+def on_tf(bad_cfg, cache):
+    return train.run(bad_cfg, cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def on_ov_stored(bad_cfg, cache):
+    """OpenVINO, storing its features; then the same run again, which reuses them."""
+    cfg = bad_cfg.replace(engine="openvino", reuse_features=True)
+    first = train.run(cfg, cache, progress=False).row
+    return first, train.run(cfg, cache, progress=False).row
+
+
+def test_featcache_streams_counts_skips_and_keeps_labels_aligned(on_tf):
+    row = on_tf.row
     assert row["skipped_files"] == 2
     assert {Path(p).name for p in row["skipped_list"].split(";")} == {"cut.jpg", "zero.jpg"}
     assert row["train_images"] + row["test_images"] == 16
     assert row["feature_pass_s"] > 0 and row["feature_pass_img_s"] > 0 and row["feature_pass_warmup_s"] > 0
     assert row["total_s"] >= row["feature_pass_s"] + row["train_s"]
+    assert row["engine_setup_s"] == 0 and row["compute_dtype"] == "float32"
+    assert not row["features_reused"] and row["features_key"] == ""  # nothing stored unless asked
     # Predictions line up with their files: each test file's label is its class folder.
-    classes = result.classes
-    assert len(result.test_files) == len(result.y_true) == row["test_images"]
-    assert [classes[y] for y in result.y_true] == [Path(f).parent.name for f in result.test_files]
+    assert len(on_tf.test_files) == len(on_tf.y_true) == row["test_images"]
+    assert [on_tf.classes[y] for y in on_tf.y_true] == [Path(f).parent.name for f in on_tf.test_files]
+
+
+def test_strict_fails_on_an_undecodable_file_streamed_or_stored(bad_cfg, cache):
+    ds = data.resolve(bad_cfg, cache)
+    bad = {f for f in ds.files if Path(f).name in ("cut.jpg", "zero.jpg")}
+    fake = engine.Engine("fake", "float32", 0.0, None, lambda batches: [(np.zeros((len(b), 3)), m) for b, m in batches])
+
+    def stream(strict):
+        ctx = train.RunContext(bad_cfg.replace(strict=strict), cache, False, None, 4, {},
+                               backbone=models.Backbone(None, "", "random", "float32", 3))
+        return train._stream_features(ctx, fake, ds.files, ds.labels, "train")
+
     with pytest.raises(DataError, match="cannot be decoded"):
-        train.run(cfg.replace(strict=True), cache, progress=False)
+        stream(strict=True)
+    kept = stream(strict=False)
+    assert set(ds.files) - set(kept.files) == bad and kept.features.shape == (16, 3)
+    stored = {f: np.zeros(3, np.float32) for f in kept.files}
+    with pytest.raises(DataError, match="cannot be decoded"):
+        train._stored_features(stored, ds.files, ds.labels, strict=True)
+    assert len(train._stored_features(stored, ds.files, ds.labels, strict=False).files) == 16
 
 
-def test_featcache_on_openvino_matches_tensorflow(tiny_cfg, cache):
-    cfg = tiny_cfg(pipeline="featcache", epochs=2)
-    on_tf = train.run(cfg, cache, progress=False).row
-    on_ov = train.run(cfg.replace(engine="openvino"), cache, progress=False).row
-    assert on_ov["compute_dtype"] == "float32" and on_ov["engine_setup_s"] > 0 and on_tf["engine_setup_s"] == 0
-    assert on_ov["test_images"] == on_tf["test_images"]
+def test_featcache_on_openvino_matches_tensorflow(on_tf, on_ov_stored):
+    tf_row, (ov_row, _) = on_tf.row, on_ov_stored
+    assert ov_row["compute_dtype"] == "float32" and ov_row["engine_setup_s"] > 0
+    assert (ov_row["train_images"], ov_row["test_images"]) == (tf_row["train_images"], tf_row["test_images"])
     # Same features to about 1e-5, the same head initialisation: at most one test image apart.
-    assert abs(on_ov["test_accuracy"] - on_tf["test_accuracy"]) <= 1.0 / on_tf["test_images"] + 1e-9
-    assert on_ov["total_s"] > on_ov["engine_setup_s"] + on_ov["feature_pass_s"]
+    assert abs(ov_row["test_accuracy"] - tf_row["test_accuracy"]) <= 1.0 / tf_row["test_images"] + 1e-9
+    assert ov_row["total_s"] > ov_row["engine_setup_s"] + ov_row["feature_pass_s"]
+
+
+def test_reused_features_skip_the_pass_and_say_so(on_ov_stored, cache):
+    first, again = on_ov_stored
+    assert not first["features_reused"] and again["features_reused"]
+    assert first["features_key"] == again["features_key"]
+    assert featurestore.path(cache, first["features_key"]).is_file()
+    assert again["engine_setup_s"] == 0 and math.isnan(again["feature_pass_img_s"])
+    assert again["feature_pass_s"] < first["feature_pass_s"] and again["total_s"] < first["total_s"]
+    # The same features, the same skipped files, the same trained head.
+    assert again["skipped_list"] == first["skipped_list"] and again["compute_dtype"] == first["compute_dtype"]
+    assert again["test_accuracy"] == first["test_accuracy"] and again["test_loss"] == pytest.approx(first["test_loss"])
+
+
+def test_the_key_changes_with_anything_that_changes_the_features(bad_cfg, small_model, tmp_path):
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(b"x" * (10 + i))
+
+    def key(cfg=bad_cfg, dtype="float32"):
+        return featurestore.key(cfg, str(small_model), dtype, [str(f) for f in files])[0]
+
+    base = key()
+    assert key() == base
+    changed = [key(bad_cfg.replace(engine="openvino")), key(bad_cfg.replace(precision="mixed")),
+               key(dtype="bfloat16"), key(bad_cfg.replace(image_size=64)), key(bad_cfg.replace(dct_decode=True))]
+    assert len(set(changed) | {base}) == len(changed) + 1
+    os.utime(files[0], ns=(0, 0))  # the same bytes, touched
+    assert key() != base
+    touched = key()
+    before = os.stat(files[1])
+    files[1].write_bytes(b"y" * 20)  # a new size, with the old modification time put back
+    os.utime(files[1], ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert key() != touched
 
 
 # --- in the sweep ---------------------------------------------------------------------------------
