@@ -23,6 +23,8 @@ _ALL = [
     RunConfig(name="featcache", pipeline="featcache"),
     RunConfig(name="featcache-mixed", pipeline="featcache", precision="mixed"),
     RunConfig(name="featcache-xla", pipeline="featcache", xla_backbone=True, xla_step=True),
+    # TensorFlow with its oneDNN kernels forced on (its default only on CPUs with AVX512-VNNI/BF16 or AMX).
+    RunConfig(name="featcache-onednn", pipeline="featcache", onednn="on"),
     # The feature pass on OpenVINO (CPU only); bf16 only where the CPU has it natively, else a skipped row.
     RunConfig(name="featcache-ov", pipeline="featcache", engine="openvino"),
     RunConfig(name="featcache-ov-bf16", pipeline="featcache", engine="openvino", precision="mixed"),
@@ -54,7 +56,8 @@ PRESETS = {
     "quick": Preset("the default: 600 synthetic images with the real set's sizes, 224 px, 5 epochs like the "
                     "notebook; XLA measured model-only; under 15 minutes on 2 CPU cores",
                     ("naive", "naive-rgb", "tutorial", "tfdata", "tfdata-dct", "tfdata-mixed", "featcache",
-                     "featcache-mixed", "featcache-ov", "featcache-ov-bf16", "modelonly", "modelonly-mixed", "modelonly-xla", "modelonly-mixed-xla"),
+                     "featcache-mixed", "featcache-onednn", "featcache-ov", "featcache-ov-bf16", "modelonly",
+                     "modelonly-mixed", "modelonly-xla", "modelonly-mixed-xla"),
                     dict(dataset="synthetic", num_images=600, image_size=224, epochs=5), timeout_s=900),
     "full": Preset("real flower_photos (3670 images) and the TF Hub model, every configuration, 3 repeats",
                    tuple(CONFIGS), dict(dataset="flowers", image_size=224, epochs=5, model_handle="hub"),

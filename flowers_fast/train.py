@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, data, distribute, engine, featurestore, metrics, pipeline
+from . import baseline, data, distribute, engine, featurestore, metrics, pipeline, runtime
 from . import model as models
 from .config import RunConfig
 from .errors import DataError
@@ -81,6 +81,7 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     else:
         ctx.row["dataset"] = "in-memory"
     ctx.row["classes"] = ctx.num_classes
+    ctx.row["onednn_enabled"] = runtime.onednn_enabled()  # what ran, whatever --onednn asked
 
     t0 = time.perf_counter()
     with strategy.scope():
