@@ -10,6 +10,7 @@ evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, data, distribute, engine, featurestore, metrics, pipeline, runtime
+from . import baseline, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, runtime
 from . import model as models
 from .config import RunConfig
 from .errors import DataError
@@ -89,6 +90,7 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
         ctx.backbone = models.build_backbone(cfg, cache)
     b = ctx.backbone
     ctx.row.update(handle=b.handle, weights=b.weights, compute_dtype=b.compute_dtype, feature_dim=b.feature_dim,
+                   mixed_route=b.mixed_route, feature_cosine_vs_fp32=b.cosine_vs_fp32,
                    model_build_s=time.perf_counter() - t0)
 
     result = runner.run(ctx)
@@ -269,7 +271,14 @@ def _feature_engine(ctx: RunContext) -> tuple[engine.Engine, float]:
     eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
     eng(np.zeros((cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3), np.uint8))
-    return eng, time.perf_counter() - start
+    warm = time.perf_counter() - start
+    if eng.name != "tf":
+        # How far this engine (and its precision) moves the features from TensorFlow float32's.
+        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
+        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
+        reference = models.feature_function(fp32, cfg.image_size)(images).numpy()
+        ctx.row["feature_cosine_vs_fp32"] = float(models.cosine(eng(images), reference).min())
+    return eng, warm
 
 
 def _stream_features(ctx: RunContext, eng: engine.Engine, files, labels, part: str) -> Features:
