@@ -30,9 +30,9 @@ HUB_FEATURE_VECTOR = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_
 HUB_CLASSIFIER = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/classification/4"
 RANDOM_HANDLE = "random"
 
-# Where a knob's flag appears: ``train`` (python -m flowers_fast train) and/or ``sweep`` (python
-# -m bench run, overriding it for every configuration of the sweep).
-TRAIN, SWEEP = "train", "sweep"
+# Where a knob's flag appears: ``train`` (python -m flowers_fast train), ``sweep`` (python -m bench
+# run, overriding it for every configuration of the sweep) and/or ``predict`` (python -m flowers_fast predict).
+TRAIN, SWEEP, PREDICT = "train", "sweep", "predict"
 _DATA_SERVICE = re.compile(r"^grpc://(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
 
 
@@ -74,10 +74,10 @@ class RunConfig:
                              group="model", metavar="URL|PATH")
     fine_tune: bool = knob(False, "train the backbone too (default: frozen)", where=(TRAIN,), group="model")
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions",
-                          choices=PRECISIONS, where=(TRAIN,), group="model")
-    engine: str = knob("tf", "what runs featcache's frozen feature pass: tf (TensorFlow) or openvino (OpenVINO, CPU "
-                       "only; with --precision mixed it runs bfloat16, where the CPU has native bf16)",
-                       choices=ENGINES, where=(TRAIN,), group="model")
+                          choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
+    engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
+                       "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
+                       "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model")
     xla_step: bool = knob(False, "jit_compile the whole train/eval step", flag="xla", where=(TRAIN,), group="model")
     xla_backbone: bool = knob(False, "jit_compile only the backbone forward (featcache's feature pass)",
                               where=(TRAIN,), group="model")

@@ -19,9 +19,9 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .clikit import positive_int
-from .config import HUB_CLASSIFIER
-from .errors import DataError, ModelError
+from .clikit import add_knob_flags, given_knobs, positive_int
+from .config import HUB_CLASSIFIER, PREDICT
+from .errors import DataError, ModelError, UserError
 
 HUB_SIZE = 224
 DEFAULT_CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
@@ -45,6 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5, help="how many classes to print per image (default 5)")
     p.add_argument("--cache-dir", metavar="PATH", help="where 'random' is exported and Hub downloads are kept "
                                                        "(env FLOWERS_FAST_CACHE; default ~/.cache/flowers_fast)")
+    add_knob_flags(p, PREDICT)  # --engine, --precision: declared once on RunConfig
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -180,9 +181,29 @@ def top_k(probs, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(probs[i])) for i in order]
 
 
+def model_function(model, size: int, kind: str):
+    """``model(x, training=False)`` as a tf.function with the model's input signature, for an engine."""
+    from .tfkeras import tf
+
+    dtype = tf.uint8 if kind == "uint8" else tf.float32
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], dtype)])
+    def logits(x):
+        return tf.cast(model(x, training=False), tf.float32)
+
+    return logits
+
+
 def cmd_predict(args) -> int:
     from .download import cache_dir
 
+    knobs = {"engine": "tf", "precision": "fp32", **given_knobs(args, PREDICT)}
+    from . import engine
+
+    if knobs["engine"] == "tf" and knobs["precision"] == "mixed":
+        raise UserError("--precision mixed: predict runs reduced precision on --engine openvino (bf16 on CPUs with it)")
+    if knobs["engine"] == "openvino":
+        engine.check_precision(knobs["precision"])  # before loading anything
     images = check_images(args.images)
     from .tfkeras import tf
 
@@ -190,14 +211,12 @@ def cmd_predict(args) -> int:
     raw = [read_image(p, None) for p in images]
     if args.checkpoint:
         model, size, kind, labels = load_checkpoint(args.checkpoint)
-        print(f"predict: checkpoint {args.checkpoint} ({len(labels)} classes: {', '.join(labels)}); "
-              f"top {min(args.top, len(labels))} with softmax probabilities")
+        what = f"checkpoint {args.checkpoint} ({len(labels)} classes: {', '.join(labels)})"
     else:
         handle, weights = resolve_classifier(args.model_handle, cache_dir(args.cache_dir))
         model, labels = load_hub_classifier(handle)
         size, kind = HUB_SIZE, "unit"
-        print(f"predict: {handle} (weights {weights}), {len(labels)} ImageNet classes; "
-              f"top {min(args.top, len(labels))} with softmax probabilities")
+        what = f"{handle} (weights {weights}), {len(labels)} ImageNet classes"
     batch = tf.stack([resize(image, size) for image in raw])
     if kind == "uint8":
         batch = tf.cast(tf.round(batch), tf.uint8)
@@ -205,9 +224,11 @@ def cmd_predict(args) -> int:
         batch = batch / 255.0
     elif kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
         batch = tf.reverse(batch, axis=[-1]) / 255.0
-    logits = model(batch, training=False)
-    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+    eng = engine.make(knobs["engine"], model_function(model, size, "uint8" if kind == "uint8" else "float"),
+                      knobs["precision"])
     k = min(args.top, len(labels))
+    print(f"predict: {what}; engine {eng.name} ({eng.precision}); top {k} with softmax probabilities")
+    probs = tf.nn.softmax(eng(batch), axis=-1).numpy()
     for path, p in zip(images, probs):
         print(path)
         for index, prob in top_k(p, k):

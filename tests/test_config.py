@@ -14,7 +14,7 @@ from bench import cli as bench_cli
 from bench import run as bench_run
 from flowers_fast import cli, config
 from flowers_fast.clikit import given_knobs
-from flowers_fast.config import SWEEP, TRAIN, RunConfig, flag_of, knobs
+from flowers_fast.config import PREDICT, SWEEP, TRAIN, RunConfig, flag_of, knobs
 from flowers_fast.errors import UserError, invoked
 
 
@@ -26,7 +26,7 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse.
 def test_every_knob_has_a_help_text_and_a_place():
     for f in dataclasses.fields(RunConfig):
         assert f.metadata["help"], f.name
-        assert set(f.metadata["where"]) <= {TRAIN, SWEEP}, f.name
+        assert set(f.metadata["where"]) <= {TRAIN, SWEEP, PREDICT}, f.name
     # Only the configuration's name is set by bench alone (it names a configuration).
     assert [f.name for f in knobs() if not f.metadata["where"]] == ["name"]
 
@@ -49,6 +49,13 @@ def test_bench_run_offers_exactly_the_sweep_knobs():
     # Knobs that define a configuration stay with the configuration.
     for name in ("pipeline", "precision", "xla_step", "naive_rgb", "dct_decode"):
         assert name not in knob_dests
+
+
+def test_predict_offers_the_engine_knobs_with_their_declared_choices():
+    flags = _flags(cli.build_parser(), "predict")
+    assert {f.name for f in knobs(PREDICT)} == {"engine", "precision"}
+    for f in knobs(PREDICT):
+        assert flags[flag_of(f)].choices == f.metadata["choices"] and flags[flag_of(f)].dest == f.name
 
 
 def test_given_flags_become_the_config_and_absent_ones_keep_defaults():

@@ -124,3 +124,39 @@ print(json.dumps(dict(route=mixed.mixed_route, dtype=mixed.compute_dtype, onednn
     assert result["onednn"] is True and result["route"] == models.GRAPPLER_BF16
     assert result["dtype"] == "bfloat16"  # the rewrite acted: the output moved
     assert MIN_COSINE <= result["cosine"] < 1.0 and MIN_COSINE <= result["row"] < 1.0
+
+
+# --- predict on the real ImageNet classifier -----------------------------------------------------
+
+EXPECTED_TOP1 = {"bird.jpg": "chickadee", "cat.jpg": "Egyptian cat", "dragonfly.jpg": "dragonfly",
+                 "grace_hopper.jpg": "military uniform", "sunflower.jpg": "daisy"}  # the README's
+
+
+def top1(out: str) -> dict[str, str]:
+    lines = [line for line in out.splitlines() if not line.startswith("predict:")]
+    return {Path(path.strip()).name: label.split(maxsplit=1)[1] for path, label in zip(lines[::2], lines[1::2])}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+def test_predict_on_openvino_gives_the_readmes_top1(precision, capsys):
+    from flowers_fast.cli import main
+
+    argv = ["predict", *sorted(map(str, (PRETRAINED / "images").glob("*.jpg"))), "--model-handle",
+            str(PRETRAINED / "mobilenet_v2_100_224_classification"), "--engine", "openvino", "--precision", precision,
+            "--top", "1"]
+    if precision == "mixed" and not engine.cpu_has_bf16():
+        assert main(argv) == UnsupportedError.exit_code  # bf16 asked where OpenVINO would run float32
+        assert "no native bfloat16" in capsys.readouterr().err
+        return
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"engine openvino ({'float32' if precision == 'fp32' else 'bfloat16'})" in out
+    assert top1(out) == EXPECTED_TOP1
+
+
+def test_predict_mixed_on_tensorflow_is_a_usage_error(capsys):
+    from flowers_fast.cli import main
+
+    image = str(PRETRAINED / "images" / "cat.jpg")
+    assert main(["predict", image, "--model-handle", "random", "--precision", "mixed"]) == 2
+    assert "--engine openvino" in capsys.readouterr().err
