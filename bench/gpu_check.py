@@ -24,10 +24,15 @@ def checks(df: pd.DataFrame, device: str) -> list[tuple[str, bool, str]]:
     fp32, mixed = median(df, "modelonly", "model_only_img_s"), median(df, "modelonly-mixed", "model_only_img_s")
     out.append(("mixed precision model-only >= 1.5x fp32", mixed / fp32 >= 1.5,
                 f"{mixed:.0f} vs {fp32:.0f} img/s = {mixed / fp32:.2f}x"))
-    for name in ("featcache", "tfdata"):
-        frac = median(df, name, "e2e_fraction_of_model")
-        if frac == frac:
-            out.append((f"{name}: end-to-end >= 90% of model-only", frac >= 0.9, f"{frac:.0%}"))
+    frac = median(df, "tfdata", "e2e_fraction_of_model")
+    if frac == frac:
+        out.append(("tfdata: end-to-end >= 90% of model-only", frac >= 0.9, f"{frac:.0%}"))
+    # featcache streams decoding and the backbone together: judge the stream against its slower stage.
+    stream = median(df, "featcache", "feature_pass_img_s")
+    slower = min(median(df, "featcache", "model_only_img_s"), median(df, "featcache", "input_only_img_s"))
+    if stream == stream and slower == slower:
+        out.append(("featcache: streamed feature pass >= 90% of its slower stage (decode or backbone)",
+                    stream >= 0.9 * slower, f"{stream:.0f} vs {slower:.0f} img/s = {stream / slower:.0%}"))
     for name in ("modelonly-xla", "modelonly-mixed-xla"):
         rate = median(df, name, "model_only_img_s")
         base = median(df, name.replace("-xla", ""), "model_only_img_s")

@@ -28,7 +28,9 @@ LEADING = ("run_id", "preset", "name", "device", "repeat", "status", "error", "p
 REQUIRED = ("name", "device", "status", "test_accuracy", "steady_epoch_s", "total_s", "train_img_s")
 METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s",
            "steady_epoch_max_s", "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
-           "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s")
+           "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s",
+           "feature_pass_img_s", "engine_setup_s", "tf_fp32_forward_img_s", "engine_speedup_vs_tf_fp32",
+           "model_flops_utilization", "feature_pass_flops_utilization")
 TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "precision", "compute_dtype",
         "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir")
 # Per-configuration settings carried into the medians table (first ok repeat's value).

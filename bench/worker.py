@@ -25,18 +25,31 @@ def _write(out: Path, row: dict) -> None:
 
 
 def hardware_row(cfg, backbone_layer, row: dict) -> dict:
-    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak."""
-    from flowers_fast import metrics
+    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak, at
+    the precision the convolutions ran in. For featcache on a CPU the peak is the faster of
+    TensorFlow's and OpenVINO's matmul, so every feature-pass engine is held to the same peak."""
+    from flowers_fast import engine, metrics
 
     flops = metrics.forward_flops_per_image(backbone_layer, cfg.image_size)
-    dtype = "float32" if cfg.precision == "fp32" else cfg.mixed_dtype
-    peak = metrics.matmul_peak_flops(cfg.device, dtype)
+    ran = row.get("compute_dtype", "")
+    dtype = ran if ran in ("float32", "bfloat16", "float16") else "float32" if cfg.precision == "fp32" \
+        else cfg.mixed_dtype
+    peaks = {"tensorflow": metrics.matmul_peak_flops(cfg.device, dtype)}
+    # OpenVINO would run a bf16 matmul in float32 on a CPU without bf16: no peak to take from it there.
+    if cfg.pipeline == "featcache" and cfg.device == "cpu" and (dtype == "float32" or engine.cpu_has_bf16()):
+        peaks["openvino"] = engine.matmul_peak_flops(dtype)
+    source = max(peaks, key=peaks.get)
+    peak = peaks[source]
     # Frozen backbone: a train step costs about one forward; fine-tuning about three.
     per_image = flops * (3.0 if cfg.fine_tune else 1.0)
-    out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype}
+    out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype,
+           "matmul_peak_source": source, **{f"matmul_peak_{k}_gflops": v / 1e9 for k, v in peaks.items()}}
     rate = row.get("model_only_img_s")
     if rate:
         out["model_flops_utilization"] = per_image * rate / peak
+    if row.get("feature_pass_img_s") and row["feature_pass_img_s"] == row["feature_pass_img_s"]:  # not NaN
+        # The streamed pass, decoding included: what the feature pass really got out of the CPU.
+        out["feature_pass_flops_utilization"] = flops * row["feature_pass_img_s"] / peak
     return out
 
 

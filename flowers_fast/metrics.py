@@ -62,6 +62,27 @@ def timed_rate(step, items_per_call: int, min_calls: int = 3, min_seconds: float
     return calls * items_per_call / (time.perf_counter() - start), warm
 
 
+def interleaved_rates(steps: dict, items_per_call: int, rounds: int = 3,
+                      min_seconds: float = 1.5) -> tuple[dict, dict, float]:
+    """Items/s of each ``step()`` measured in turns, the order alternating each round, so that a
+    machine getting busier or quieter affects all alike: (median rate per name, warm-up seconds
+    per name, median over rounds of the first step's rate / the second's; NaN with one step)."""
+    warm = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        warm[name] = time.perf_counter() - start
+    names, per_round = list(steps), []
+    for r in range(rounds):
+        rates = {}
+        for name in (names if r % 2 == 0 else names[::-1]):
+            rates[name] = timed_rate(steps[name], items_per_call, min_calls=1, min_seconds=min_seconds, warmup=0)[0]
+        per_round.append(rates)
+    medians = {name: statistics.median(r[name] for r in per_round) for name in names}
+    ratio = statistics.median(r[names[0]] / r[names[1]] for r in per_round) if len(names) > 1 else float("nan")
+    return medians, warm, ratio
+
+
 def input_only_rate(dataset, batch_size: int) -> float:
     """Images/s of iterating a dataset once with no model (call after the cache is filled)."""
     n, start = 0, time.perf_counter()

@@ -362,11 +362,7 @@ def _run_featcache(ctx: RunContext) -> RunResult:
     if cfg.breakdown:
         if eng is None:  # features were reused: the engine is built only to be measured
             eng, _ = _feature_engine(ctx)
-        x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3),
-                                              dtype=np.uint8)
-        # Several batches per call, so that an engine with several streams keeps them all busy.
-        rate, warm_s = metrics.timed_rate(lambda: eng.run([(x, None)] * 4), 4 * cfg.feature_batch_size,
-                                          min_seconds=4.0)
+        rate, warm_s = _engine_rates(ctx, eng)
         sample = split.train_files[:8 * cfg.feature_batch_size]
         input_rate = metrics.input_only_rate(
             pipeline.feature_stream(sample, split.train_labels[:len(sample)], cfg, cfg.feature_batch_size),
@@ -376,6 +372,27 @@ def _run_featcache(ctx: RunContext) -> RunResult:
         _breakdown(ctx, rate, warm_s, input_rate=input_rate,
                    e2e_rate=None if stored is not None else row["feature_pass_img_s"])
     return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=test_f.files)
+
+
+def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
+    """The feature engine's forward images/s on one in-memory batch (and its warm-up seconds),
+    measured in turns with TensorFlow float32 on the same batch in this process unless the engine
+    is that already: ``tf_fp32_forward_img_s`` and ``engine_speedup_vs_tf_fp32`` go into the row."""
+    cfg = ctx.cfg
+    x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3),
+                                          dtype=np.uint8)
+    # Several batches per call, so that an engine with several streams keeps them all busy.
+    steps = {"engine": lambda: eng.run([(x, None)] * 4)}
+    # (A grappler rewrite is process-wide: no float32 TensorFlow function is left to compare with.)
+    if (eng.name != "tf" or eng.precision != "float32") and not ctx.backbone.mixed_route.startswith("grappler"):
+        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
+        reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
+        steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
+    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch_size)
+    same = eng.name == "tf" and eng.precision == "float32"
+    ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
+                   engine_speedup_vs_tf_fp32=1.0 if same else ratio)
+    return rates["engine"], warm["engine"]
 
 
 def _run_modelonly(ctx: RunContext) -> RunResult:

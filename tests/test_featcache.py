@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,8 @@ from flowers_fast import model as models
 from flowers_fast.config import RunConfig
 from flowers_fast.errors import DataError
 from flowers_fast.tfkeras import tf
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def dataset_ops(ds: "tf.data.Dataset") -> set[str]:
@@ -71,7 +75,8 @@ def on_ov_stored(bad_cfg, cache):
     """OpenVINO, storing its features; then the same run again, which reuses them."""
     cfg = bad_cfg.replace(engine="openvino", reuse_features=True)
     first = train.run(cfg, cache, progress=False).row
-    return first, train.run(cfg, cache, progress=False).row
+    # The second also measures the breakdown: the engine is built for that alone.
+    return first, train.run(cfg.replace(breakdown=True), cache, progress=False).row
 
 
 def test_featcache_streams_counts_skips_and_keeps_labels_aligned(on_tf):
@@ -129,6 +134,15 @@ def test_reused_features_skip_the_pass_and_say_so(on_ov_stored, cache):
     assert again["test_accuracy"] == first["test_accuracy"] and again["test_loss"] == pytest.approx(first["test_loss"])
 
 
+def test_the_engine_is_measured_in_turns_with_tensorflow_float32(on_ov_stored):
+    _, row = on_ov_stored
+    assert row["model_only_img_s"] > 0 and row["tf_fp32_forward_img_s"] > 0
+    # A ratio of rates measured in the same rounds (not of the two columns' medians), so only bounded.
+    assert 0.1 < row["engine_speedup_vs_tf_fp32"] < 10
+    assert row["feature_cosine_vs_fp32"] > 0.9999
+    assert row["bottleneck"] in ("input-bound", "compute-bound") and row["decode_img_s"] > 0
+
+
 def test_the_key_changes_with_anything_that_changes_the_features(bad_cfg, small_model, tmp_path):
     files = []
     for i in range(3):
@@ -163,3 +177,61 @@ def test_cpu_only_configurations_are_left_out_on_a_gpu_with_the_reason():
         ("featcache-ov", "cpu", 0), ("featcache", "gpu", 0), ("featcache", "cpu", 1), ("featcache-ov", "cpu", 1),
         ("featcache", "gpu", 1)]
     assert len(not_here) == 1 and "featcache-ov on gpu" in not_here[0] and "CPU only" in not_here[0]
+
+
+@pytest.mark.slow
+def test_sweep_row_for_openvino_bf16_runs_or_says_why_not(tmp_path, small_model):
+    import pandas as pd
+
+    res = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "smoke", "--configs",
+                          "featcache-ov-bf16", "--no-breakdown", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]  # a skipped row does not fail the sweep
+    bf16 = pd.read_csv(tmp_path / "latest.csv").set_index("name").loc["featcache-ov-bf16"]
+    assert bf16["engine"] == "openvino" and bf16["precision"] == "mixed"
+    if engine.cpu_has_bf16():
+        assert bf16["status"] == "ok" and bf16["compute_dtype"] == "bfloat16" and bf16["feature_pass_img_s"] > 0
+        assert bf16["mixed_route"] == "openvino-bf16" and bf16["feature_cosine_vs_fp32"] >= 0.99
+    else:  # a row that says why, not a float32 run labelled bf16
+        assert bf16["status"] == "skipped" and "no native bfloat16" in bf16["error"]
+        assert pd.isna(bf16.get("feature_pass_img_s"))  # nothing measured
+
+
+def test_hardware_row_holds_featcache_engines_to_the_faster_matmul_peak(monkeypatch):
+    from bench import worker
+    from flowers_fast import metrics
+    from flowers_fast.tfkeras import keras
+
+    monkeypatch.setattr(metrics, "matmul_peak_flops", lambda device, dtype: 50e9)
+    monkeypatch.setattr(engine, "matmul_peak_flops", lambda dtype: 80e9)
+    layer = keras.Sequential([keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D()])  # FLOPs counted
+    row = dict(compute_dtype="float32", model_only_img_s=200.0, feature_pass_img_s=100.0)
+    cfg = RunConfig(pipeline="featcache", engine="openvino", image_size=96)
+    out = worker.hardware_row(cfg, layer, row)
+    assert out["matmul_peak_source"] == "openvino" and out["matmul_peak_gflops"] == 80
+    assert out["matmul_peak_tensorflow_gflops"] == 50 and out["matmul_dtype"] == "float32"
+    flops = out["backbone_gflops_per_image"] * 1e9
+    assert out["model_flops_utilization"] == pytest.approx(flops * 200 / 80e9)
+    assert out["feature_pass_flops_utilization"] == pytest.approx(flops * 100 / 80e9)
+    # bf16 where OpenVINO would silently run float32: TensorFlow's bf16 peak only.
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    out = worker.hardware_row(cfg, layer, dict(row, compute_dtype="bfloat16"))
+    assert out["matmul_peak_source"] == "tensorflow" and "matmul_peak_openvino_gflops" not in out
+    assert out["matmul_dtype"] == "bfloat16"
+    # Other pipelines keep TensorFlow's peak.
+    out = worker.hardware_row(RunConfig(pipeline="tfdata", image_size=96), layer, row)
+    assert out["matmul_peak_source"] == "tensorflow" and "feature_pass_flops_utilization" in out
+
+
+@pytest.mark.parametrize("stream,verdict", [(950.0, "PASS"), (500.0, "FAIL")])
+def test_gpu_check_judges_the_feature_stream_against_its_slower_stage(stream, verdict):
+    import pandas as pd
+
+    from bench import gpu_check, results
+
+    df = results.normalise(pd.DataFrame([dict(name="featcache", device="gpu", status="ok", test_accuracy=0.9,
+                                              steady_epoch_s=0.1, total_s=10, train_img_s=1e4,
+                                              feature_pass_img_s=stream, model_only_img_s=3000.0,
+                                              input_only_img_s=1000.0)]))
+    (label, ok, detail), = [c for c in gpu_check.checks(df, "gpu") if c[0].startswith("featcache: streamed")]
+    assert ok == (verdict == "PASS") and "vs 1000 img/s" in detail
