@@ -111,12 +111,6 @@ def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: 
     return timed_rate(lambda: train_function(iterator), batch_size, min_calls=min_calls, min_seconds=min_seconds)
 
 
-def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 4.0) -> tuple[float, float]:
-    """Forward images/s of ``fn`` on one in-memory float batch in [0, 1], and warm-up s."""
-    x = tf.constant(np.random.default_rng(0).random((batch_size, image_size, image_size, 3), dtype=np.float32))
-    return timed_rate(lambda: fn(x).numpy(), batch_size, min_seconds=min_seconds)
-
-
 def forward_flops_per_image(layer, image_size: int) -> float:
     """FLOPs of one forward pass at batch 1, counted by TensorFlow's profiler from the graph
     (functions inlined, variables frozen), not typed in."""

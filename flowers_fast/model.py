@@ -281,7 +281,7 @@ def compile_classifier(model, cfg: RunConfig) -> None:
                   metrics=["accuracy"], jit_compile=cfg.xla_step)
 
 
-# --- the frozen feature pass (featcache) ----------------------------------------------------
+# --- the frozen feature pass (featcache; run by an engine, see engine.py) -------------------
 
 def feature_function(backbone: Backbone, image_size: int, jit: bool = False):
     """uint8 images -> float32 features, traced once for any batch size."""
@@ -290,13 +290,3 @@ def feature_function(backbone: Backbone, image_size: int, jit: bool = False):
         return tf.cast(backbone.layer(tf.cast(images, tf.float32) / 255.0, training=False), tf.float32)
 
     return features
-
-
-def extract_features(fn, images_ds) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of (uint8 image, label) batches through ``fn`` (see feature_function) ->
-    (features, labels) as arrays."""
-    feats, labels = [], []
-    for images, y in images_ds:
-        feats.append(fn(images).numpy())
-        labels.append(y.numpy())
-    return np.concatenate(feats), np.concatenate(labels)

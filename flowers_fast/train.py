@@ -98,7 +98,7 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     if runner.needs_data and "decode_img_s" not in row:
         # One-time preparation rate (naive: cv2 load into arrays; tf.data: first pass, decode + cache fill).
         row["decode_img_s"] = (row["train_images"] + row["test_images"]) / row["data_prep_s"]
-    row["peak_rss_mb"] = metrics.peak_rss_mb()
+    row.setdefault("peak_rss_mb", metrics.peak_rss_mb())
     row["peak_gpu_mb"] = metrics.peak_gpu_mb()
     row["wall_s"] = time.perf_counter() - t_start
     result.row = row
@@ -162,6 +162,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     row.update(test_accuracy=float(acc), test_loss=float(loss), eval_s=time.perf_counter() - start)
     row["eval_img_s"] = n_test / row["eval_s"]
     y_pred = np.argmax(model.predict(test_x, batch_size=batch_size, verbose=0), axis=-1)
+    # The job's memory, before the breakdown's measurements (e.g. featcache's TensorFlow reference).
+    row["peak_rss_mb"] = metrics.peak_rss_mb()
     y_true = np.asarray(test_y) if test_y is not None else np.concatenate([y.numpy() for _, y in test_x])
     return y_true, y_pred
 
