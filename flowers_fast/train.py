@@ -272,23 +272,16 @@ def _feature_engine(ctx: RunContext) -> tuple[engine.Engine, float]:
     fn = models.feature_function(ctx.backbone, cfg.image_size, cfg.xla_backbone)
     eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
-    eng(np.zeros((cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3), np.uint8))
-    warm = time.perf_counter() - start
-    if eng.name != "tf":
-        # How far this engine (and its precision) moves the features from TensorFlow float32's.
-        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
-        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
-        reference = models.feature_function(fp32, cfg.image_size)(images).numpy()
-        ctx.row["feature_cosine_vs_fp32"] = float(models.cosine(eng(images), reference).min())
-    return eng, warm
+    eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))
+    return eng, time.perf_counter() - start
 
 
 def _stream_features(ctx: RunContext, eng: engine.Engine, files, labels, part: str) -> Features:
     """Decode ``files`` and run them through ``eng`` in one overlapped stream (see
     pipeline.feature_stream): nothing but the features is kept."""
     cfg = ctx.cfg
-    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch_size)
-    steps = -(-len(files) // cfg.feature_batch_size)
+    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch)
+    steps = -(-len(files) // cfg.feature_batch)
     batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
                tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
     start = time.perf_counter()
@@ -342,7 +335,8 @@ def _run_featcache(ctx: RunContext) -> RunResult:
     # Decoding happens inside the feature pass: there is no separate preparation step.
     _record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
     feature_pass = row["engine_setup_s"] + warm + train_f.seconds
-    row.update(compute_dtype=precision, feature_pass_warmup_s=warm, feature_pass_s=train_f.seconds,
+    row.update(compute_dtype=precision, feature_batch=cfg.feature_batch, feature_pass_warmup_s=warm,
+               feature_pass_s=train_f.seconds,
                feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
                features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
     train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
@@ -365,10 +359,10 @@ def _run_featcache(ctx: RunContext) -> RunResult:
         if eng is None:  # features were reused: the engine is built only to be measured
             eng, _ = _feature_engine(ctx)
         rate, warm_s = _engine_rates(ctx, eng)
-        sample = split.train_files[:8 * cfg.feature_batch_size]
+        sample = split.train_files[:8 * cfg.feature_batch]
         input_rate = metrics.input_only_rate(
-            pipeline.feature_stream(sample, split.train_labels[:len(sample)], cfg, cfg.feature_batch_size),
-            cfg.feature_batch_size)
+            pipeline.feature_stream(sample, split.train_labels[:len(sample)], cfg, cfg.feature_batch),
+            cfg.feature_batch)
         row["decode_img_s"] = input_rate
         # The stage that the backbone limits is the feature pass, not the head's epochs.
         _breakdown(ctx, rate, warm_s, input_rate=input_rate,
@@ -379,9 +373,10 @@ def _run_featcache(ctx: RunContext) -> RunResult:
 def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
     """The feature engine's forward images/s on one in-memory batch (and its warm-up seconds),
     measured in turns with TensorFlow float32 on the same batch in this process unless the engine
-    is that already: ``tf_fp32_forward_img_s`` and ``engine_speedup_vs_tf_fp32`` go into the row."""
+    is that already: ``tf_fp32_forward_img_s``, ``engine_speedup_vs_tf_fp32`` and, for another engine,
+    ``feature_cosine_vs_fp32`` go into the row."""
     cfg = ctx.cfg
-    x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch_size, cfg.image_size, cfg.image_size, 3),
+    x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch, cfg.image_size, cfg.image_size, 3),
                                           dtype=np.uint8)
     # Several batches per call, so that an engine with several streams keeps them all busy.
     steps = {"engine": lambda: eng.run([(x, None)] * 4)}
@@ -390,7 +385,11 @@ def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
         fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
         reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
         steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
-    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch_size)
+    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch)
+    if "tf_fp32" in steps and eng.name != "tf":
+        # How far this engine (and its precision) moves the features from TensorFlow float32's.
+        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
+        ctx.row["feature_cosine_vs_fp32"] = float(models.cosine(eng(images), reference(images)).min())
     same = eng.name == "tf" and eng.precision == "float32"
     ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
                    engine_speedup_vs_tf_fp32=1.0 if same else ratio)

@@ -129,3 +129,9 @@ def test_messages_name_the_command_as_invoked(monkeypatch):
     assert bench_cli.build_parser().prog == "flowers-bench"
     monkeypatch.setattr(sys, "argv", ["/repo/bench/__main__.py", "run"])
     assert invoked("bench") == "python -m bench"
+
+
+def test_the_feature_batch_follows_the_device_unless_given():
+    assert RunConfig().feature_batch == 16
+    assert RunConfig(device="gpu").feature_batch == 128
+    assert RunConfig(device="gpu", feature_batch_size=8).feature_batch == 8
