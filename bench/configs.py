@@ -23,6 +23,11 @@ _ALL = [
     RunConfig(name="featcache", pipeline="featcache"),
     RunConfig(name="featcache-mixed", pipeline="featcache", precision="mixed"),
     RunConfig(name="featcache-xla", pipeline="featcache", xla_backbone=True, xla_step=True),
+    # TensorFlow with its oneDNN kernels forced on (its default only on CPUs with AVX512-VNNI/BF16 or AMX).
+    RunConfig(name="featcache-onednn", pipeline="featcache", onednn="on"),
+    # The feature pass on OpenVINO (CPU only); bf16 only where the CPU has it natively, else a skipped row.
+    RunConfig(name="featcache-ov", pipeline="featcache", engine="openvino"),
+    RunConfig(name="featcache-ov-bf16", pipeline="featcache", engine="openvino", precision="mixed"),
     # Model alone on in-memory tensors (tf_cnn_benchmarks' synthetic mode): a few steps, no data.
     RunConfig(name="modelonly", pipeline="modelonly"),
     RunConfig(name="modelonly-mixed", pipeline="modelonly", precision="mixed"),
@@ -64,7 +69,8 @@ PRESETS = {
     # to run MobileNetV2 about 20x slower. The full preset runs them all.
     "quick": Preset("the default: 600 synthetic images with the real set's sizes, 224 px, 5 epochs like the "
                     "notebook, 3 repeats; under 15 minutes on 2 CPU cores",
-                    ("naive", "tutorial", "tfdata", "tfdata-mixed", "featcache", "featcache-mixed"),
+                    ("naive", "tutorial", "tfdata", "tfdata-mixed", "featcache", "featcache-mixed", "featcache-onednn",
+                     "featcache-ov", "featcache-ov-bf16"),
                     dict(dataset="synthetic", num_images=600, image_size=224, epochs=5), repeats=3,
                     timeout_s=900, probe_repeats=1, breakdown_once=True),
     "full": Preset("real flower_photos (3670 images) and the TF Hub model, every configuration, 3 repeats",

@@ -142,9 +142,12 @@ def _time_to_model(df, med, picks, path: Path, subtitle: str) -> Path:
                     ha="center", va="center", transform=ax.transAxes, fontsize=9)
         for yi, (_, r) in zip(y, m.iterrows()):
             if not np.isfinite(r["total_s"]):
-                why = "failed" if r["n_failed"] else "no total"
-                ax.text(0.01 * right, yi, f"{NA}: {why} ({r['n_failed']} of {r['n_failed'] + r['n_ok']} runs)",
-                        va="center", fontsize=8, color="#B22222")
+                if r.get("n_skipped") and not r["n_failed"]:
+                    label = f"{NA}: skipped, this machine lacks what it needs (see the report)"
+                else:
+                    why = "failed" if r["n_failed"] else "no total"
+                    label = f"{NA}: {why} ({r['n_failed']} of {r['n_failed'] + r['n_ok']} runs)"
+                ax.text(0.01 * right, yi, label, va="center", fontsize=8, color="#B22222")
                 continue
             key = (dev, r["name"])
             parts = _parts(reps.loc[key]) if key in reps.index else {"later": r["total_s"]}

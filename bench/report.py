@@ -74,6 +74,8 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             if row["n_failed"]:
                 notes.append(f"{name}: {row['n_failed']} of {row['n_ok'] + row['n_failed']} repeats failed "
                              f"({_shorten(row['failures'])})")
+            elif row.get("n_skipped") and not row["n_ok"]:
+                notes.append(f"{name}: skipped on this machine ({_shorten(row['failures'])})")
         if not math.isnan(naive_total):
             notes.append("speed-up vs naive = naive's total s / this configuration's total s")
         else:

@@ -30,10 +30,13 @@ REQUIRED = ("name", "device", "status", "test_accuracy", "steady_epoch_s", "tota
 METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s",
            "steady_epoch_max_s", "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
            "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s",
-           "feature_pass_warmup_s", "feature_pass_img_s", "train_s", "subprocess_s")
+           "feature_pass_warmup_s", "feature_pass_img_s", "train_s", "subprocess_s", "engine_setup_s",
+           "tf_fp32_forward_img_s", "engine_speedup_vs_tf_fp32", "model_flops_utilization",
+           "feature_pass_flops_utilization")
 # Metrics where a larger value is better (the others: smaller is better).
 HIGHER_IS_BETTER = ("test_accuracy", "acc_pct", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
-                    "model_only_img_s", "e2e_fraction_of_model")
+                    "model_only_img_s", "e2e_fraction_of_model", "feature_pass_img_s", "tf_fp32_forward_img_s",
+                    "engine_speedup_vs_tf_fp32", "model_flops_utilization", "feature_pass_flops_utilization")
 # Units of METRICS (and acc_pct) for labels.
 UNITS = {"test_accuracy": "%", "acc_pct": "%", "test_loss": "", "e2e_fraction_of_model": "", "peak_rss_mb": "MB",
          "peak_gpu_mb": "MB"}
@@ -214,11 +217,15 @@ def medians(df: pd.DataFrame) -> pd.DataFrame:
         for name in ordered(on_device["name"], ORDER):
             runs = on_device[on_device["name"] == name]
             ok = runs[runs["status"] == "ok"]
-            failed = runs[runs["status"] != "ok"]
+            # A skipped run (the hardware lacks what it needs, e.g. bf16) is not a failure.
+            skipped = runs[runs["status"] == "skipped"]
+            failed = runs[~runs["status"].isin(("ok", "skipped"))]
             source = ok if len(ok) else runs
+            not_ok = runs[runs["status"] != "ok"]
             row = {"device": device, "name": name, "n_ok": len(ok), "n_failed": len(failed),
+                   "n_skipped": len(skipped),
                    "failures": "; ".join(f"{s or 'unknown'}: {e}" if e else (s or "unknown")
-                                         for s, e in zip(failed["status"], failed["error"]))}
+                                         for s, e in zip(not_ok["status"], not_ok["error"]))}
             for col in METRICS + ("acc_pct",):
                 values = ok[col].dropna()
                 row[col] = float(values.median()) if len(values) else float("nan")

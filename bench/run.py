@@ -288,23 +288,29 @@ def plan(args) -> tuple[list[str], list[str]]:
 
 
 def sweep_jobs(args, preset: configs_mod.Preset, cfgs: list[RunConfig], devices: list[str],
-               done: set) -> list[tuple[RunConfig, int]]:
+               done: set) -> tuple[list[tuple[RunConfig, int]], list[str]]:
     """(configuration on its device, repeat index) still to run, repeat by repeat so that slow
     drifts of the machine spread over every configuration. ``--repeats`` applies to all; the
     preset's default gives model-only probes their own count, and with ``breakdown_once`` the
-    per-stage breakdown (input-only, model-only, FLOP utilisation) runs in the first repeat only."""
+    per-stage breakdown (input-only, model-only, FLOP utilisation) runs in the first repeat only.
+    Also returns why configurations that cannot run on a device (e.g. featcache-ov on a GPU:
+    OpenVINO is CPU-only here) are left out."""
     given = given_knobs(args, SWEEP)
-    jobs = []
+    jobs, not_here = [], {}
     for k in range(max(args.repeats or 0, preset.repeats, preset.probe_repeats or 0)):
         for d in devices:
             for c in cfgs:
                 if k >= (args.repeats or preset.repeats_of(c)) or (c.name, d, k) in done:
                     continue
-                cfg = c.replace(device=d)
+                try:
+                    cfg = c.replace(device=d)
+                except UserError as exc:
+                    not_here[(c.name, d)] = f"{c.name} on {d}: {exc}"
+                    continue
                 if k > 0 and preset.breakdown_once and "breakdown" not in given and c.pipeline != "modelonly":
                     cfg = cfg.replace(breakdown=False)
                 jobs.append((cfg, k))
-    return jobs
+    return jobs, list(not_here.values())
 
 
 def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
@@ -369,7 +375,9 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache) -> in
     if results.stale:
         results.flush()  # rows left out (interrupted, cut short) go from the file now, not at the next row
     done = {(r["name"], r["device"], int(r["repeat"])) for r in results.rows}
-    jobs = sweep_jobs(args, preset, cfgs, devices, done)
+    jobs, not_here = sweep_jobs(args, preset, cfgs, devices, done)
+    for message in not_here:
+        print(f"bench: skipping {message}", file=sys.stderr)
     logs = out / "logs" / run_id
     figures = out / "figures" / run_id
     try:
@@ -419,7 +427,8 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache) -> in
     written = write_reports([path], markdown=path.with_suffix(".md"), html=path.with_suffix(".html"),
                             plot_dir=path.parent, stem=path.stem)
     print("report: " + ", ".join(str(p) for p in written))
-    return 0 if all(r.get("status") == "ok" for r in results.rows) else RUN_FAILED_EXIT_CODE
+    # A skipped row (the hardware lacks what a configuration needs, e.g. bf16) is a result, not a failure.
+    return 0 if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
 
 
 def summary_table(df: pd.DataFrame) -> str:

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from flowers_fast.errors import INTERRUPTED_EXIT_CODE, UserError
+from flowers_fast.errors import INTERRUPTED_EXIT_CODE, UnsupportedError, UserError
 
 
 def _write(out: Path, row: dict) -> None:
@@ -25,27 +25,43 @@ def _write(out: Path, row: dict) -> None:
     os.replace(tmp, out)  # the sweep never reads half a result
 
 
-def hardware_row(cfg, backbone_layer, row: dict, measured) -> dict:
-    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak.
+def hardware_row(cfg, backbone_layer, row: dict, measured=None) -> dict:
+    """How close the model runs to the hardware: counted FLOPs x model-only rate / matmul peak, at
+    the precision the convolutions ran in. For featcache on a CPU the peak is the faster of
+    TensorFlow's and OpenVINO's matmul, so every feature-pass engine is held to the same peak.
 
-    The FLOP count and the matmul peak belong to the model and the machine, not to the run:
+    The FLOP count and the matmul peaks belong to the model and the machine, not to the run:
     ``measured`` (a ``bench.machine.Measured``) measures each once per machine and TensorFlow
-    version and the row says when (``matmul_peak_measured``)."""
-    from flowers_fast import metrics
+    version and the row says when (``matmul_peak_measured``); without it they are measured now."""
+    from flowers_fast import engine, metrics
+
+    def get(key, measure):
+        return measured.get(key, measure) if measured is not None else (measure(), "now")
 
     handle = row.get("handle") or cfg.model_handle
-    flops, _ = measured.get(f"forward_flops/{handle}/{cfg.image_size}",
-                            lambda: metrics.forward_flops_per_image(backbone_layer, cfg.image_size))
-    dtype = "float32" if cfg.precision == "fp32" else cfg.mixed_dtype
-    peak, when = measured.get(f"matmul_peak_flops/{cfg.device}/{dtype}",
-                              lambda: metrics.matmul_peak_flops(cfg.device, dtype))
+    flops, _ = get(f"forward_flops/{handle}/{cfg.image_size}",
+                   lambda: metrics.forward_flops_per_image(backbone_layer, cfg.image_size))
+    ran = row.get("compute_dtype", "")
+    dtype = ran if ran in ("float32", "bfloat16", "float16") else "float32" if cfg.precision == "fp32" \
+        else cfg.mixed_dtype
+    peaks = {"tensorflow": get(f"matmul_peak_flops/{cfg.device}/{dtype}",
+                               lambda: metrics.matmul_peak_flops(cfg.device, dtype))}
+    # OpenVINO would run a bf16 matmul in float32 on a CPU without bf16: no peak to take from it there.
+    if cfg.pipeline == "featcache" and cfg.device == "cpu" and (dtype == "float32" or engine.cpu_has_bf16()):
+        peaks["openvino"] = get(f"matmul_peak_flops/openvino/{dtype}", lambda: engine.matmul_peak_flops(dtype))
+    source = max(peaks, key=lambda k: peaks[k][0])
+    peak, when = peaks[source]
     # Frozen backbone: a train step costs about one forward; fine-tuning about three.
     per_image = flops * (3.0 if cfg.fine_tune else 1.0)
     out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype,
-           "matmul_peak_measured": when}
+           "matmul_peak_measured": when, "matmul_peak_source": source,
+           **{f"matmul_peak_{k}_gflops": v[0] / 1e9 for k, v in peaks.items()}}
     rate = row.get("model_only_img_s")
     if rate:
         out["model_flops_utilization"] = per_image * rate / peak
+    if row.get("feature_pass_img_s") and row["feature_pass_img_s"] == row["feature_pass_img_s"]:  # not NaN
+        # The streamed pass, decoding included: what the feature pass really got out of the CPU.
+        out["feature_pass_flops_utilization"] = flops * row["feature_pass_img_s"] / peak
     return out
 
 
@@ -86,7 +102,10 @@ def main(argv=None) -> int:
         if not isinstance(exc, UserError):
             traceback.print_exc()
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _write(out, {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500]})
+        if isinstance(exc, UnsupportedError):  # e.g. bf16 asked on a CPU without it: a row that says why
+            _write(out, {"status": "skipped", "error": message[:500]})
+        else:
+            _write(out, {"status": "error", "error": f"{type(exc).__name__}: {message}"[:500]})
         return getattr(exc, "exit_code", 1)
 
 

@@ -20,6 +20,8 @@ PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "modelonly")
 DATASETS = ("synthetic", "flowers", "tfds")
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "mixed")
+ENGINES = ("tf", "openvino")
+ONEDNN = ("auto", "on", "off")
 STRATEGIES = ("default", "mirrored", "multiworker")
 CACHES = ("memory", "file", "none")
 
@@ -28,9 +30,9 @@ HUB_FEATURE_VECTOR = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_
 HUB_CLASSIFIER = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/classification/4"
 RANDOM_HANDLE = "random"
 
-# Where a knob's flag appears: ``train`` (python -m flowers_fast train) and/or ``sweep`` (python
-# -m bench run, overriding it for every configuration of the sweep).
-TRAIN, SWEEP = "train", "sweep"
+# Where a knob's flag appears: ``train`` (python -m flowers_fast train), ``sweep`` (python -m bench
+# run, overriding it for every configuration of the sweep) and/or ``predict`` (python -m flowers_fast predict).
+TRAIN, SWEEP, PREDICT = "train", "sweep", "predict"
 _DATA_SERVICE = re.compile(r"^grpc://(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
 
 
@@ -73,15 +75,22 @@ class RunConfig:
                              group="model", metavar="URL|PATH")
     fine_tune: bool = knob(False, "train the backbone too (default: frozen)", where=(TRAIN,), group="model")
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions",
-                          choices=PRECISIONS, where=(TRAIN,), group="model")
+                          choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
+    engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
+                       "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
+                       "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model")
     xla_step: bool = knob(False, "jit_compile the whole train/eval step", flag="xla", where=(TRAIN,), group="model")
     xla_backbone: bool = knob(False, "jit_compile only the backbone forward (featcache's feature pass)",
                               where=(TRAIN,), group="model")
     # training
     epochs: int = knob(5, "training epochs", minimum=1, group="training")
     batch_size: int = knob(32, "training batch per replica", minimum=1, group="training")
-    feature_batch_size: int = knob(128, "featcache's one-time backbone pass: inference only, so bigger is faster",
-                                   minimum=1, group="training")
+    feature_batch_size: int = knob(0, "featcache's feature pass: images per inference call; 0 = 16 on a CPU (on 2 "
+                                   "cores 16, 32 and 128 ran as fast, and each doubling held about 300 MB more in "
+                                   "OpenVINO), 128 on a GPU", minimum=0, group="training")
+    reuse_features: bool = knob(False, "featcache: keep the features on disk and skip the feature pass when the "
+                                "model, engine, precision, image size and files (sizes, modification times) are "
+                                "unchanged; other pipelines ignore it", group="training")
     learning_rate: float = knob(1e-3, "Adam learning rate", group="training")
     # input pipeline craft
     naive_rgb: bool = knob(False, "naive pipeline: fix the notebook's BGR channel order", flag="rgb",
@@ -94,6 +103,10 @@ class RunConfig:
                                group="input pipeline")
     private_threads: int = knob(0, "tf.data private thread pool size (0 = TensorFlow's shared pool)", minimum=0,
                                 group="input pipeline")
+    onednn: str = knob("auto", "TensorFlow's oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS, set before TensorFlow loads): "
+                       "auto = TensorFlow's own choice (on only for CPUs with AVX512-VNNI, AVX512-BF16 or AMX; off on "
+                       "e.g. AMD EPYC, where on about doubled MobileNetV2's speed), on, off",
+                       choices=ONEDNN, group="measurement")
     breakdown: bool = knob(True, "also measure input-only and model-only throughput", group="measurement")
     # scaling out
     strategy: str = knob("default", "tf.distribute strategy", choices=STRATEGIES, group="scaling out")
@@ -115,6 +128,15 @@ class RunConfig:
             raise UserError(f"--data-service works with --pipeline tfdata only, not {self.pipeline}")
         if self.data_service:
             data_service_address(self.data_service)
+        if self.engine == "openvino":
+            if self.pipeline != "featcache":
+                raise UserError(f"--engine openvino runs featcache's frozen feature pass; use --pipeline featcache, "
+                                f"or --engine tf with --pipeline {self.pipeline}")
+            if self.device != "cpu":
+                raise UserError(f"--engine openvino runs on the CPU only; use --device cpu, or --engine tf on "
+                                f"--device {self.device}")
+            if self.xla_backbone:
+                raise UserError("--xla-backbone compiles TensorFlow's feature pass; drop it with --engine openvino")
         if self.fine_tune and self.pipeline == "featcache":
             raise UserError("--pipeline featcache needs a frozen backbone; drop --fine-tune or use --pipeline tfdata")
 
@@ -122,6 +144,11 @@ class RunConfig:
     def from_flags(cls, **given) -> "RunConfig":
         """A configuration from the flags a user gave (absent = the default)."""
         return cls(**implied(given))
+
+    @property
+    def feature_batch(self) -> int:
+        """featcache's inference batch: ``feature_batch_size``, or the device's default for 0."""
+        return self.feature_batch_size or (128 if self.device == "gpu" else 16)
 
     @property
     def mixed_dtype(self) -> str:

@@ -11,7 +11,7 @@ keeps its traceback.
 | 4 | model: a model handle or checkpoint |
 | 5 | download: a corrupt or failed download |
 | 6 | offline: a download that needs the network |
-| 7 | device: the asked-for device is not there |
+| 7 | device: the asked-for device, or a feature of it (native bfloat16), is not there |
 | 8 | output: a result or figure cannot be written |
 | 9 | a sweep finished, but some configurations failed (see their rows) |
 | 130 | interrupted (Ctrl-C) |
@@ -50,6 +50,11 @@ class OfflineError(DownloadError):
 
 class DeviceError(UserError):
     exit_code = 7
+
+
+class UnsupportedError(DeviceError):
+    """The device is there but lacks what the run asks for (e.g. native bfloat16). ``bench run``
+    records such a configuration as ``skipped``, with this message, instead of failing."""
 
 
 class OutputError(UserError):

@@ -62,6 +62,27 @@ def timed_rate(step, items_per_call: int, min_calls: int = 3, min_seconds: float
     return calls * items_per_call / (time.perf_counter() - start), warm
 
 
+def interleaved_rates(steps: dict, items_per_call: int, rounds: int = 3,
+                      min_seconds: float = 1.5) -> tuple[dict, dict, float]:
+    """Items/s of each ``step()`` measured in turns, the order alternating each round, so that a
+    machine getting busier or quieter affects all alike: (median rate per name, warm-up seconds
+    per name, median over rounds of the first step's rate / the second's; NaN with one step)."""
+    warm = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        step()
+        warm[name] = time.perf_counter() - start
+    names, per_round = list(steps), []
+    for r in range(rounds):
+        rates = {}
+        for name in (names if r % 2 == 0 else names[::-1]):
+            rates[name] = timed_rate(steps[name], items_per_call, min_calls=1, min_seconds=min_seconds, warmup=0)[0]
+        per_round.append(rates)
+    medians = {name: statistics.median(r[name] for r in per_round) for name in names}
+    ratio = statistics.median(r[names[0]] / r[names[1]] for r in per_round) if len(names) > 1 else float("nan")
+    return medians, warm, ratio
+
+
 def input_only_rate(dataset, batch_size: int) -> float:
     """Images/s of iterating a dataset once with no model (call after the cache is filled)."""
     n, start = 0, time.perf_counter()
@@ -88,12 +109,6 @@ def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: 
     iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
     train_function = model.make_train_function()
     return timed_rate(lambda: train_function(iterator), batch_size, min_calls=min_calls, min_seconds=min_seconds)
-
-
-def forward_rate(fn, image_size: int, batch_size: int, min_seconds: float = 4.0) -> tuple[float, float]:
-    """Forward images/s of ``fn`` on one in-memory float batch in [0, 1], and warm-up s."""
-    x = tf.constant(np.random.default_rng(0).random((batch_size, image_size, image_size, 3), dtype=np.float32))
-    return timed_rate(lambda: fn(x).numpy(), batch_size, min_seconds=min_seconds)
 
 
 def forward_flops_per_image(layer, image_size: int) -> float:

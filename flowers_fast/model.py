@@ -3,9 +3,18 @@ feature pass that featcache runs once.
 
 fp32 runs the Hub SavedModel through ``hub.KerasLayer``. Mixed precision cannot: the Keras
 policy only reaches the head, and feeding bfloat16 into the SavedModel's float32 signature
-crashes. So ``precision=mixed`` rebuilds MobileNetV2 natively under the mixed policy
-(``mobilenet``), copies the Hub weights into it, and checks its output against the Hub model
-before use.
+crashes. So ``precision=mixed`` takes one of these routes, recorded in the row's ``mixed_route``:
+
+- ``native``: MobileNetV2 rebuilt natively under the mixed policy (``mobilenet``), the Hub
+  weights copied in and the output checked against the Hub model;
+- where the weights do not map (e.g. batch norm folded into the convolutions), a graph-level
+  rewrite of the float32 Hub function: ``grappler-fp16`` (grappler's ``auto_mixed_precision``)
+  on a GPU, ``grappler-onednn-bf16`` (``auto_mixed_precision_onednn_bfloat16``, which needs
+  TensorFlow's oneDNN kernels) on a CPU;
+- ``openvino-bf16`` with ``--engine openvino``: OpenVINO converts the float32 function and runs it
+  in bfloat16 (see engine.py).
+
+Every route's features are compared with the float32 Hub model's (``feature_cosine_vs_fp32``).
 """
 
 from __future__ import annotations
@@ -17,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hubexport, mobilenet
+from . import hubexport, mobilenet, runtime
 from .config import HUB_CLASSIFIER, HUB_FEATURE_VECTOR, RANDOM_HANDLE, RunConfig
-from .errors import ModelError, OfflineError
+from .errors import ModelError, OfflineError, UnsupportedError
 from .tfkeras import hub, keras, tf
 
 # The short names a user may pass as --model-handle, per kind of model wanted. "random" is the
@@ -31,6 +40,9 @@ ALIASES = {
 }
 
 
+NATIVE, GRAPPLER_FP16, GRAPPLER_BF16, OPENVINO_BF16 = "native", "grappler-fp16", "grappler-onednn-bf16", "openvino-bf16"
+
+
 @dataclass
 class Backbone:
     layer: "keras.layers.Layer"  # float32 images in [0, 1] -> features
@@ -38,6 +50,13 @@ class Backbone:
     weights: str  # pretrained | random
     compute_dtype: str  # the dtype the convolutions actually run in
     feature_dim: int
+    mixed_route: str = ""  # how --precision mixed runs (see the module's docstring); "" for fp32
+    hub_layer: object = None  # the float32 Hub layer: the reference for other precisions and engines
+    cosine_vs_fp32: float = float("nan")  # least feature cosine similarity to hub_layer on synthetic flowers
+
+
+class NotMappable(Exception):
+    """The native rebuild cannot carry this Hub model's weights."""
 
 
 # --- finding and loading a Hub model -----------------------------------------------------------
@@ -123,15 +142,66 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     hub_layer = load_hub_layer(handle, trainable=cfg.fine_tune, weights=weights)
     dim = _check_features(hub_layer, handle, cfg.image_size)
     if cfg.precision == "fp32":
-        return Backbone(hub_layer, handle, weights, "float32", dim)
-    native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}", handle)
+        return Backbone(hub_layer, handle, weights, "float32", dim, "", hub_layer, 1.0)
+    if cfg.engine == "openvino":
+        # OpenVINO converts the float32 Hub function and lowers the precision itself.
+        return Backbone(hub_layer, handle, weights, "float32", dim, OPENVINO_BF16, hub_layer)
+    try:
+        native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}")
+    except NotMappable as exc:
+        return graph_mixed(cfg, hub_layer, handle, weights, dim, str(exc))
     native.trainable = cfg.fine_tune
-    return Backbone(native, handle, weights, conv_compute_dtype(native, cfg.image_size), dim)
+    return Backbone(native, handle, weights, conv_compute_dtype(native, cfg.image_size), dim, NATIVE, hub_layer,
+                    feature_cosine(native, hub_layer, cfg.image_size))
+
+
+# --- mixed precision: a graph rewrite of the float32 Hub function -----------------------------
+
+def graph_mixed(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int, why: str) -> Backbone:
+    """The Hub layer as it is, with grappler's mixed-precision rewrite switched on for this process
+    (the bench runs each configuration in its own). The rewrite happens when a function first
+    runs, so whether it acted is measured: features of a fresh function after switching it on,
+    against those of one run before."""
+    if cfg.device == "gpu":
+        option, route = "auto_mixed_precision", GRAPPLER_FP16
+    elif runtime.onednn_enabled():
+        option, route = "auto_mixed_precision_onednn_bfloat16", GRAPPLER_BF16
+    else:
+        raise UnsupportedError(
+            f"--precision mixed --model-handle {handle}: {why}, and TensorFlow's bfloat16 graph rewrite needs its "
+            "oneDNN kernels, which are off on this CPU; add --onednn on, or run featcache with --engine openvino on a "
+            "CPU with native bfloat16, or use --precision fp32")
+    images = tf.constant(mobilenet.calibration_images(8, cfg.image_size, seed=123) * 0.5 + 0.5)
+    reference = _fresh_features(hub_layer, images)
+    tf.config.optimizer.set_experimental_options({option: True})
+    got = _fresh_features(hub_layer, images)
+    rel = np.linalg.norm(got - reference) / max(np.linalg.norm(reference), 1e-12)
+    # Unchanged output means the rewrite did not act (e.g. a GPU without fast float16): say float32.
+    dtype = cfg.mixed_dtype if rel > 1e-5 else "float32"
+    return Backbone(hub_layer, handle, weights, dtype, dim, route, hub_layer, float(cosine(got, reference).min()))
+
+
+def _fresh_features(layer, images) -> np.ndarray:
+    fn = tf.function(lambda x: layer(x, training=False))  # a new function: optimised on its first run
+    return tf.cast(eager_call(fn, images), tf.float32).numpy().astype(np.float64)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two feature matrices."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def feature_cosine(model, hub_layer, image_size: int) -> float:
+    """Least cosine similarity between ``model``'s features and the float32 Hub model's on 8 synthetic flowers."""
+    images = tf.constant(mobilenet.calibration_images(8, image_size, seed=123) * 0.5 + 0.5)
+    got = tf.cast(model(images), tf.float32).numpy()
+    return float(cosine(got, eager_call(hub_layer, images).numpy()).min())
 
 
 # --- mixed precision: native MobileNetV2 carrying the Hub weights ---------------------------
 
-def native_mobilenet(hub_layer, image_size: int, policy: str, handle: str) -> "keras.Model":
+def native_mobilenet(hub_layer, image_size: int, policy: str) -> "keras.Model":
     """Keras MobileNetV2 under ``policy`` with the Hub layer's weights, taking [0, 1] inputs.
 
     The weights are mapped into a float32 rebuild first and checked against the Hub model
@@ -141,13 +211,11 @@ def native_mobilenet(hub_layer, image_size: int, policy: str, handle: str) -> "k
     reference = mobilenet.build_features(image_size)
     assigned, wanted = mobilenet.map_hub_weights(hub_layer.weights, reference)
     if len(assigned) != wanted:
-        raise ModelError(f"--model-handle {handle}: --precision mixed rebuilds MobileNetV2 natively, but only "
-                         f"{len(assigned)}/{wanted} weights matched; use --precision fp32 for this model")
+        raise NotMappable(f"the native MobileNetV2 rebuild maps only {len(assigned)}/{wanted} of its weights")
     mobilenet.assign_weights(reference, assigned)
     rel = relative_error(_from_unit_range(reference, image_size), hub_layer, image_size)
     if not np.isfinite(rel) or rel > 1e-3:
-        raise ModelError(f"--model-handle {handle}: the native MobileNetV2 rebuild differs from the Hub model "
-                         f"(relative error {rel:.3g}); use --precision fp32 for this model")
+        raise NotMappable(f"the native MobileNetV2 rebuild differs from the Hub model (relative error {rel:.3g})")
     base = mobilenet.build_features(image_size, dtype_policy=policy)
     base.set_weights(reference.get_weights())
     return _from_unit_range(base, image_size)
@@ -220,7 +288,7 @@ def compile_classifier(model, cfg: RunConfig) -> None:
                   metrics=["accuracy"], jit_compile=cfg.xla_step)
 
 
-# --- the frozen feature pass (featcache) ----------------------------------------------------
+# --- the frozen feature pass (featcache; run by an engine, see engine.py) -------------------
 
 def feature_function(backbone: Backbone, image_size: int, jit: bool = False):
     """uint8 images -> float32 features, traced once for any batch size."""
@@ -229,13 +297,3 @@ def feature_function(backbone: Backbone, image_size: int, jit: bool = False):
         return tf.cast(backbone.layer(tf.cast(images, tf.float32) / 255.0, training=False), tf.float32)
 
     return features
-
-
-def extract_features(fn, images_ds) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of (uint8 image, label) batches through ``fn`` (see feature_function) ->
-    (features, labels) as arrays."""
-    feats, labels = [], []
-    for images, y in images_ds:
-        feats.append(fn(images).numpy())
-        labels.append(y.numpy())
-    return np.concatenate(feats), np.concatenate(labels)

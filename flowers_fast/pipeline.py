@@ -154,12 +154,18 @@ def _first_pass(decoded, files, strict: bool, progress: bool, label: str) -> lis
     for _, _, paths in tqdm(decoded.batch(256), desc=f"{label}: decode+cache", unit="batch", disable=not progress,
                             leave=False):
         seen.update(p.decode() for p in paths.numpy())
-    skipped = sorted(set(files) - seen)
+    return undecodable(files, seen, strict, label)
+
+
+def undecodable(files, seen, strict: bool, part: str) -> list[str]:
+    """The files of the split's ``part`` (train or test) that did not come out of a decode pass
+    (``seen``: the paths that did): a DataError with --strict, or when none decoded."""
+    skipped = sorted(set(files) - set(seen))
     if skipped and strict:
         raise DataError(f"{skipped[0]}: cannot be decoded as an image ({len(skipped)} such files); remove them or "
                         "drop --strict to skip them")
     if not seen:
-        raise data.no_images_left(label, skipped)
+        raise data.no_images_left(part, skipped)
     return skipped
 
 
@@ -210,6 +216,16 @@ def train_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) -
 
 def eval_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) -> "tf.data.Dataset":
     return decoded.batch(batch_size).prefetch(AUTOTUNE).with_options(options(cfg, training=False))
+
+
+def feature_stream(files, labels, cfg: RunConfig, batch_size: int) -> "tf.data.Dataset":
+    """featcache's one-time pass: (uint8 images, labels, paths) batches decoded on the fly, in file
+    order. No cache: each image is read once, so a cache would only cost memory; parallel decode
+    and prefetch overlap decoding with the backbone, and memory holds a few batches, not the set."""
+    ds = decode_dataset(files, labels, cfg, with_path=True)
+    # Two batches ahead keep the backbone fed (decoding is several times faster on a CPU) and put a
+    # fixed bound on what waits in memory.
+    return ds.batch(batch_size).prefetch(2).with_options(options(cfg, training=False))
 
 
 def feature_datasets(f_train, y_train, f_test, y_test, cfg: RunConfig, batch_size: int):

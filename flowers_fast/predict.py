@@ -16,12 +16,19 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .clikit import positive_int
-from .config import HUB_CLASSIFIER
-from .errors import DataError, ModelError
+from typing import TYPE_CHECKING
+
+from .clikit import add_knob_flags, given_knobs, positive_int
+from .config import HUB_CLASSIFIER, PREDICT
+from .errors import DataError, ModelError, UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 HUB_SIZE = 224
 PREDICT_BATCH = 32
@@ -46,6 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5, help="how many classes to print per image (default 5)")
     p.add_argument("--cache-dir", metavar="PATH", help="where 'random' is exported and Hub downloads are kept "
                                                        "(env FLOWERS_FAST_CACHE; default ~/.cache/flowers_fast)")
+    add_knob_flags(p, PREDICT)  # --engine, --precision: declared once on RunConfig
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -184,29 +192,71 @@ def top_k(probs, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(probs[i])) for i in order]
 
 
-def cmd_predict(args) -> int:
+def model_function(model, size: int, kind: str):
+    """``model(x, training=False)`` as a tf.function with the model's input signature, for an engine."""
+    from .tfkeras import tf
+
+    dtype = tf.uint8 if kind == "uint8" else tf.float32
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], dtype)])
+    def logits(x):
+        return tf.cast(model(x, training=False), tf.float32)
+
+    return logits
+
+
+@dataclass
+class Predictions:
+    """What ``predict`` returns: each image's class probabilities (``probs``: [images, classes]),
+    the class names, and what produced them."""
+
+    images: list
+    probs: "np.ndarray"
+    labels: list
+    model: str  # the checkpoint or Hub handle, with its weights
+    engine: str
+    precision: str
+
+    def top(self, k: int = 5) -> "pd.DataFrame":
+        """One row per image and rank: path, rank, label, probability."""
+        import pandas as pd
+
+        return pd.DataFrame([dict(path=str(path), rank=r + 1, label=self.labels[i], probability=prob)
+                             for path, p in zip(self.images, self.probs)
+                             for r, (i, prob) in enumerate(top_k(p, min(k, len(self.labels))))])
+
+
+def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASSIFIER, engine: str = "tf",
+            precision: str = "fp32", cache: str | Path | None = None) -> Predictions:
+    """Class probabilities for ``images`` (files or folders) from a ``train --save`` checkpoint, or
+    without one from the Hub ImageNet classifier ``model_handle`` (``random``: the offline stand-in).
+    ``engine``/``precision`` as ``predict --engine/--precision``. Raises UserError subclasses with a
+    one-line message on bad input, before loading any model where it can."""
+    from . import engine as engines
     from .download import cache_dir
 
-    images = check_images(args.images)
-    if args.checkpoint and not Path(args.checkpoint).expanduser().exists():
-        load_checkpoint(args.checkpoint)  # its one-line error, before TensorFlow starts
-    cache = None if args.checkpoint else cache_dir(args.cache_dir)
+    if engine == "tf" and precision == "mixed":
+        raise UserError("--precision mixed: predict runs reduced precision on --engine openvino (bf16 on CPUs with it)")
+    if engine == "openvino":
+        engines.check_precision(precision)  # before loading anything
+    images = check_images([str(i) for i in images])
+    if checkpoint and not Path(checkpoint).expanduser().exists():
+        load_checkpoint(checkpoint)  # its one-line error, before TensorFlow starts
     from .tfkeras import tf
 
     # Decode first: a bad image fails in seconds, before any model is loaded. (Decoded again
     # below, a batch at a time, so that many large photos never sit in memory at once.)
     for p in images:
         read_image(p, None)
-    if args.checkpoint:
-        model, size, kind, labels = load_checkpoint(args.checkpoint)
-        print(f"predict: checkpoint {args.checkpoint} ({len(labels)} classes: {', '.join(labels)}); "
-              f"top {min(args.top, len(labels))} with softmax probabilities")
+    if checkpoint:
+        model, size, kind, labels = load_checkpoint(checkpoint)
+        what = f"checkpoint {checkpoint} ({len(labels)} classes: {', '.join(labels)})"
     else:
-        handle, weights = resolve_classifier(args.model_handle, cache)
+        handle, weights = resolve_classifier(model_handle, cache_dir(cache))
         model, labels = load_hub_classifier(handle, weights)
         size, kind = HUB_SIZE, "unit"
-        print(f"predict: {handle} (weights {weights}), {len(labels)} ImageNet classes; "
-              f"top {min(args.top, len(labels))} with softmax probabilities")
+        what = f"{handle} (weights {weights}), {len(labels)} ImageNet classes"
+    eng = engines.make(engine, model_function(model, size, "uint8" if kind == "uint8" else "float"), precision)
     probs = []
     for start in range(0, len(images), PREDICT_BATCH):  # bounded memory however many images are given
         batch = tf.stack([read_image(p, size) for p in images[start:start + PREDICT_BATCH]])
@@ -216,11 +266,20 @@ def cmd_predict(args) -> int:
             batch = batch / 255.0
         elif kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
             batch = tf.reverse(batch, axis=[-1]) / 255.0
-        logits = model(batch, training=False)
-        probs.extend(tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy())
-    k = min(args.top, len(labels))
-    for path, p in zip(images, probs):
+        probs.extend(tf.nn.softmax(eng(batch), axis=-1).numpy())
+    import numpy as np
+
+    return Predictions(list(images), np.asarray(probs), list(labels), what, eng.name, eng.precision)
+
+
+def cmd_predict(args) -> int:
+    knobs = {"engine": "tf", "precision": "fp32", **given_knobs(args, PREDICT)}
+    result = predict(args.images, checkpoint=args.checkpoint, model_handle=args.model_handle,
+                     cache=None if args.checkpoint else args.cache_dir, **knobs)
+    k = min(args.top, len(result.labels))
+    print(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax probabilities")
+    for path, p in zip(result.images, result.probs):
         print(path)
         for index, prob in top_k(p, k):
-            print(f"  {prob:.4g}  {labels[index]}")
+            print(f"  {prob:.4g}  {result.labels[index]}")
     return 0

@@ -1,6 +1,6 @@
 """TensorFlow process-global state, set once at process start.
 
-Visible devices, precision policy and XLA auto-clustering are global in TensorFlow and
+Visible devices, oneDNN kernels, precision policy and XLA auto-clustering are global in TensorFlow and
 cannot be undone inside a process, so each benchmark configuration runs in its own
 subprocess and calls :func:`setup` first.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 from .config import RunConfig
 from .errors import DeviceError
@@ -21,10 +22,36 @@ def hide_gpus_early() -> None:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 
+def set_onednn(choice: str) -> None:
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads: ``on``/``off`` set it before that
+    (``auto`` leaves TensorFlow's default, or the user's own setting, alone)."""
+    if choice == "auto":
+        return
+    if "tensorflow" in sys.modules:
+        wanted = choice == "on"
+        if onednn_enabled() not in (wanted, None):
+            raise RuntimeError(f"--onednn {choice}: TensorFlow is already loaded with oneDNN "
+                               f"{'on' if not wanted else 'off'}; set it before TensorFlow is imported")
+        return
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if choice == "on" else "0"
+
+
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN kernels in this process (None when it cannot say)."""
+    try:
+        # TensorFlow's own answer; there is no public API for it (its oneDNN guide uses this one).
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
+
+
 def setup(cfg: RunConfig) -> None:
-    """Apply the device choice; the precision is handled per model (see model.py)."""
+    """Apply the device and oneDNN choices; the precision is handled per model (see model.py)."""
     if cfg.device == "cpu":
         hide_gpus_early()
+    set_onednn(cfg.onednn)
     from .tfkeras import tf
 
     gpus = tf.config.list_physical_devices("GPU")

@@ -10,6 +10,7 @@ evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -20,7 +21,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, data, distribute, metrics, pipeline
+from . import baseline, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, runtime
 from . import model as models
 from .config import RunConfig
 from .errors import DataError, UserError
@@ -73,6 +74,8 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     result's ``y_pred`` stays empty): a sweep's rows need only the evaluation's metrics."""
     t_start = time.perf_counter()
     runner = RUNNERS[cfg.pipeline]
+    if cfg.engine == "openvino":
+        engine.check_precision(cfg.precision)  # before any work: bf16 where the CPU has none
     strategy = distribute.strategy(cfg)
     replicas = strategy.num_replicas_in_sync
     ctx = RunContext(cfg, cache, progress, strategy, cfg.batch_size * replicas,
@@ -84,6 +87,7 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     else:
         ctx.row["dataset"] = "in-memory"
     ctx.row["classes"] = ctx.num_classes
+    ctx.row["onednn_enabled"] = runtime.onednn_enabled()  # what ran, whatever --onednn asked
 
     t0 = time.perf_counter()
     with strategy.scope():
@@ -91,14 +95,15 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
         ctx.backbone = models.build_backbone(cfg, cache)
     b = ctx.backbone
     ctx.row.update(handle=b.handle, weights=b.weights, compute_dtype=b.compute_dtype, feature_dim=b.feature_dim,
+                   mixed_route=b.mixed_route, feature_cosine_vs_fp32=b.cosine_vs_fp32,
                    model_build_s=time.perf_counter() - t0)
 
     result = runner.run(ctx)
     row = ctx.row
-    if runner.needs_data:
+    if runner.needs_data and "decode_img_s" not in row:
         # One-time preparation rate (naive: cv2 load into arrays; tf.data: first pass, decode + cache fill).
         row["decode_img_s"] = (row["train_images"] + row["test_images"]) / row["data_prep_s"]
-    row["peak_rss_mb"] = metrics.peak_rss_mb()
+    row.setdefault("peak_rss_mb", metrics.peak_rss_mb())
     row["peak_gpu_mb"] = metrics.peak_gpu_mb()
     row["wall_s"] = time.perf_counter() - t_start
     result.row = row
@@ -177,8 +182,11 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     row.update(test_accuracy=float(acc), test_loss=float(loss), eval_s=time.perf_counter() - start)
     row["eval_img_s"] = n_test / row["eval_s"]
     if not ctx.predictions:
+        # The job's memory, before the breakdown's measurements (e.g. featcache's TensorFlow reference).
+        row["peak_rss_mb"] = metrics.peak_rss_mb()
         return np.zeros(0, int), np.zeros(0, int)
     y_pred = np.argmax(model.predict(test_x, batch_size=batch_size, verbose=0), axis=-1)
+    row["peak_rss_mb"] = metrics.peak_rss_mb()
     y_true = np.asarray(test_y) if test_y is not None else np.concatenate([y.numpy() for _, y in test_x])
     return y_true, y_pred
 
@@ -291,52 +299,145 @@ def _train_on_datasets(ctx: RunContext, train_ds, test_ds, n_train, n_test, prep
     return RunResult(ctx.row, model, y_true=y_true, y_pred=y_pred)
 
 
-def _feature_pass(ctx: RunContext, dec: pipeline.Decoded):
-    """The one-time feature pass: its first batch (tracing, XLA compile) timed on its own; the
-    train images' pass counts towards a trained model, the test images' towards evaluation."""
-    cfg, batch = ctx.cfg, ctx.cfg.feature_batch_size
+@dataclass
+class Features:
+    """One part's features from the feature pass, in file order, and what it cost."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    files: tuple  # the files that decoded, aligned with the rows
+    seconds: float
+
+
+def _feature_engine(ctx: RunContext) -> tuple[engine.Engine, float]:
+    """The engine that runs the frozen backbone, warmed up on one in-memory batch (tracing, XLA
+    compile, OpenVINO's first inference): (engine, warm-up seconds); its setup is ``setup_s``."""
+    cfg = ctx.cfg
     fn = models.feature_function(ctx.backbone, cfg.image_size, cfg.xla_backbone)
+    eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
-    models.extract_features(fn, pipeline.eval_dataset(dec.train.take(batch), cfg, batch))
-    warm = time.perf_counter() - start
+    eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))
+    return eng, time.perf_counter() - start
+
+
+def _stream_features(ctx: RunContext, eng: engine.Engine, files, labels, part: str) -> Features:
+    """Decode ``files`` and run them through ``eng`` in one overlapped stream (see
+    pipeline.feature_stream): nothing but the features is kept."""
+    cfg = ctx.cfg
+    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch)
+    steps = -(-len(files) // cfg.feature_batch)
+    batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
+               tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
     start = time.perf_counter()
-    f_train, y_train = models.extract_features(fn, pipeline.eval_dataset(dec.train, cfg, batch))
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    f_test, y_test = models.extract_features(fn, pipeline.eval_dataset(dec.test, cfg, batch))
-    test_s = time.perf_counter() - start
-    ctx.row.update(feature_pass_warmup_s=warm, feature_pass_s=train_s, feature_pass_img_s=len(f_train) / train_s,
-                   test_feature_pass_s=test_s, feature_cache_mb=(f_train.nbytes + f_test.nbytes) / 2**20)
-    return f_train, y_train, f_test, y_test, warm + train_s, test_s
+    out = eng.run(batches)
+    seconds = time.perf_counter() - start
+    kept = tuple(p.decode() for _, (_, paths) in out for p in paths)
+    pipeline.undecodable(files, kept, cfg.strict, part)
+    dim = ctx.backbone.feature_dim
+    feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, dim), np.float32)
+    y = np.concatenate([y for _, (y, _) in out]) if out else np.zeros(0, np.int32)
+    return Features(feats, y, kept, seconds)
+
+
+def _stored_features(stored: dict, files, labels, strict: bool, part: str) -> Features:
+    """One part's features from a ``featurestore`` file: the files it lacks did not decode."""
+    kept = tuple(f for f in files if f in stored)
+    pipeline.undecodable(files, kept, strict, part)
+    label_of = dict(zip(files, labels))
+    return Features(np.stack([stored[f] for f in kept]), np.asarray([label_of[f] for f in kept], np.int32), kept, 0.0)
 
 
 def _run_featcache(ctx: RunContext) -> RunResult:
-    """Frozen backbone, no augmentation: compute each image's features once, train the head on them."""
-    cfg, row = ctx.cfg, ctx.row
-    dec = pipeline.prepare(cfg, ctx.split, ctx.progress)
-    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB", dec.oriented)
-    f_train, y_train, f_test, y_test, feature_pass, test_pass = _feature_pass(ctx, dec)
-    train_ds, test_ds = pipeline.feature_datasets(f_train, y_train, f_test, y_test, cfg, ctx.global_batch)
+    """Frozen backbone, no augmentation: compute each image's features once, streamed straight
+    from the files, then train the head on them. The train images' pass counts towards a trained
+    model, the test images' towards evaluation; the engine's setup and warm-up are timed apart.
+    With ``reuse_features``, features stored by an earlier run with the same key are loaded instead."""
+    cfg, row, split = ctx.cfg, ctx.row, ctx.split
+    digest, parts, stored = "", {}, None
+    if cfg.reuse_features:
+        digest, parts = featurestore.key(cfg, ctx.backbone.handle, ctx.backbone.compute_dtype,
+                                         split.train_files + split.test_files)
+        start = time.perf_counter()
+        stored = featurestore.load(ctx.cache, digest)
+    if stored is not None:
+        train_f = _stored_features(stored[0], split.train_files, split.train_labels, cfg.strict, "train")
+        test_f = _stored_features(stored[0], split.test_files, split.test_labels, cfg.strict, "test")
+        # No pass ran: its cost is reading the file; its rate is not measured.
+        train_f.seconds = time.perf_counter() - start
+        eng, warm, precision, pass_rate = None, 0.0, stored[1], float("nan")
+        row.update(engine_setup_s=0.0)
+    else:
+        eng, warm = _feature_engine(ctx)
+        train_f = _stream_features(ctx, eng, split.train_files, split.train_labels, "train")
+        test_f = _stream_features(ctx, eng, split.test_files, split.test_labels, "test")
+        precision, pass_rate = eng.precision, len(train_f.files) / train_f.seconds
+        row.update(engine_setup_s=eng.setup_s)
+        if digest:
+            featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
+                              np.concatenate([train_f.features, test_f.features]), precision)
+    skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
+    # Decoding happens inside the feature pass: there is no separate preparation step.
+    _record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
+    feature_pass = row["engine_setup_s"] + warm + train_f.seconds
+    row.update(compute_dtype=precision, feature_batch=cfg.feature_batch, feature_pass_warmup_s=warm,
+               feature_pass_s=train_f.seconds,
+               feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
+               features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
+    train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
+                                                  cfg, ctx.global_batch)
 
     def build():
         keras.utils.set_random_seed(cfg.seed)
         return models.head_model(ctx.num_classes, ctx.backbone.feature_dim, cfg)
 
     model = _compiled(ctx, build)
-    y_true, y_pred = _fit_evaluate(ctx, model, train_ds, test_ds, dec.n_train, dec.n_test, dec.seconds, "head",
-                                   extra_s=feature_pass)
+    n_train, n_test = len(train_f.files), len(test_f.files)
+    y_true, y_pred = _fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head", extra_s=feature_pass)
     # End to end, an image costs its feature pass plus its head epochs.
-    row["end_to_end_img_s"] = dec.n_train * cfg.epochs / (feature_pass + row["train_s"])
+    row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
     # Evaluating from images includes computing the test images' features.
-    row["eval_s"] += test_pass
-    row["eval_img_s"] = dec.n_test / row["eval_s"]
+    row["eval_s"] += test_f.seconds
+    row["eval_img_s"] = n_test / row["eval_s"]
+    row["decode_img_s"] = float("nan")
     if cfg.breakdown:
-        fwd = tf.function(lambda x: ctx.backbone.layer(x, training=False), jit_compile=cfg.xla_backbone)
-        rate, warm = metrics.forward_rate(fwd, cfg.image_size, cfg.feature_batch_size)
-        input_rate = metrics.input_only_rate(pipeline.eval_dataset(dec.train, cfg, ctx.global_batch), ctx.global_batch)
+        if eng is None:  # features were reused: the engine is built only to be measured
+            eng, _ = _feature_engine(ctx)
+        rate, warm_s = _engine_rates(ctx, eng)
+        sample = split.train_files[:8 * cfg.feature_batch]
+        input_rate = metrics.input_only_rate(
+            pipeline.feature_stream(sample, split.train_labels[:len(sample)], cfg, cfg.feature_batch),
+            cfg.feature_batch)
+        row["decode_img_s"] = input_rate
         # The stage that the backbone limits is the feature pass, not the head's epochs.
-        _breakdown(ctx, rate, warm, input_rate=input_rate, e2e_rate=row["feature_pass_img_s"])
-    return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=_kept(ctx.split.test_files, dec.skipped))
+        _breakdown(ctx, rate, warm_s, input_rate=input_rate,
+                   e2e_rate=None if stored is not None else row["feature_pass_img_s"])
+    return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=test_f.files)
+
+
+def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
+    """The feature engine's forward images/s on one in-memory batch (and its warm-up seconds),
+    measured in turns with TensorFlow float32 on the same batch in this process unless the engine
+    is that already: ``tf_fp32_forward_img_s``, ``engine_speedup_vs_tf_fp32`` and, for another engine,
+    ``feature_cosine_vs_fp32`` go into the row."""
+    cfg = ctx.cfg
+    x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch, cfg.image_size, cfg.image_size, 3),
+                                          dtype=np.uint8)
+    # Several batches per call, so that an engine with several streams keeps them all busy.
+    steps = {"engine": lambda: eng.run([(x, None)] * 4)}
+    # (A grappler rewrite is process-wide: no float32 TensorFlow function is left to compare with.)
+    if (eng.name != "tf" or eng.precision != "float32") and not ctx.backbone.mixed_route.startswith("grappler"):
+        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
+        reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
+        steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
+    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch)
+    if "tf_fp32" in steps and eng.name != "tf":
+        # How far this engine (and its precision) moves the features from TensorFlow float32's.
+        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
+        ctx.row["feature_cosine_vs_fp32"] = float(models.cosine(eng(images), reference(images)).min())
+    same = eng.name == "tf" and eng.precision == "float32"
+    ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
+                   engine_speedup_vs_tf_fp32=1.0 if same else ratio)
+    return rates["engine"], warm["engine"]
 
 
 def _run_modelonly(ctx: RunContext) -> RunResult:

@@ -14,7 +14,7 @@ from bench import cli as bench_cli
 from bench import run as bench_run
 from flowers_fast import cli, config
 from flowers_fast.clikit import given_knobs
-from flowers_fast.config import SWEEP, TRAIN, RunConfig, flag_of, knobs
+from flowers_fast.config import PREDICT, SWEEP, TRAIN, RunConfig, flag_of, knobs
 from flowers_fast.errors import UserError, invoked
 
 
@@ -26,7 +26,7 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, argparse.
 def test_every_knob_has_a_help_text_and_a_place():
     for f in dataclasses.fields(RunConfig):
         assert f.metadata["help"], f.name
-        assert set(f.metadata["where"]) <= {TRAIN, SWEEP}, f.name
+        assert set(f.metadata["where"]) <= {TRAIN, SWEEP, PREDICT}, f.name
     # Only the configuration's name is set by bench alone (it names a configuration).
     assert [f.name for f in knobs() if not f.metadata["where"]] == ["name"]
 
@@ -49,6 +49,13 @@ def test_bench_run_offers_exactly_the_sweep_knobs():
     # Knobs that define a configuration stay with the configuration.
     for name in ("pipeline", "precision", "xla_step", "naive_rgb", "dct_decode"):
         assert name not in knob_dests
+
+
+def test_predict_offers_the_engine_knobs_with_their_declared_choices():
+    flags = _flags(cli.build_parser(), "predict")
+    assert {f.name for f in knobs(PREDICT)} == {"engine", "precision"}
+    for f in knobs(PREDICT):
+        assert flags[flag_of(f)].choices == f.metadata["choices"] and flags[flag_of(f)].dest == f.name
 
 
 def test_given_flags_become_the_config_and_absent_ones_keep_defaults():
@@ -93,6 +100,10 @@ def test_bad_values_are_one_line_usage_errors(argv, needle, capsys):
     (dict(pipeline="featcache", fine_tune=True), "featcache needs a frozen backbone"),
     (dict(pipeline="naive", data_service="grpc://h:1"), "--data-service works with --pipeline tfdata only"),
     (dict(data_service="h:5050"), "grpc://HOST:PORT"),
+    (dict(engine="onnx"), "--engine 'onnx' is not one of tf, openvino"),
+    (dict(engine="openvino"), "--engine openvino runs featcache's frozen feature pass"),
+    (dict(pipeline="featcache", engine="openvino", device="gpu"), "--engine openvino runs on the CPU only"),
+    (dict(pipeline="featcache", engine="openvino", xla_backbone=True), "drop it with --engine openvino"),
 ])
 def test_the_dataclass_checks_the_same_things_for_python_callers(changes, needle):
     with pytest.raises(UserError, match=needle) as err:
@@ -118,3 +129,9 @@ def test_messages_name_the_command_as_invoked(monkeypatch):
     assert bench_cli.build_parser().prog == "flowers-bench"
     monkeypatch.setattr(sys, "argv", ["/repo/bench/__main__.py", "run"])
     assert invoked("bench") == "python -m bench"
+
+
+def test_the_feature_batch_follows_the_device_unless_given():
+    assert RunConfig().feature_batch == 16
+    assert RunConfig(device="gpu").feature_batch == 128
+    assert RunConfig(device="gpu", feature_batch_size=8).feature_batch == 8

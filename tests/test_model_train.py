@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowers_fast import baseline, data, train
+from flowers_fast import baseline, data, engine, train
 from flowers_fast import model as models
 from flowers_fast.config import RunConfig
 from flowers_fast.tfkeras import hub, keras, tf
@@ -166,7 +166,8 @@ def test_featcache_gives_same_logits_as_the_classifier(frozen, cfg, images):
     direct = clf.predict(x, batch_size=8, verbose=0)
     # Batch of 5: an uneven last batch goes through the same signature.
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
-    feats, labels = models.extract_features(models.feature_function(frozen, SIZE), ds)
+    out = engine.make("tf", models.feature_function(frozen, SIZE)).run((images, y.numpy()) for images, y in ds)
+    feats, labels = np.concatenate([f for f, _ in out]), np.concatenate([y for _, y in out])
     assert feats.shape == (len(x), 1280) and feats.dtype == np.float32
     np.testing.assert_array_equal(labels, y)
     via_cache = clf.get_layer("head")(tf.constant(feats)).numpy()

@@ -272,7 +272,7 @@ def _args(**kw):
 def test_quick_preset_repeats_training_configs_and_measures_the_breakdown_once():
     preset = configs.PRESETS["quick"]
     cfgs = configs.select(None, preset) + [configs.CONFIGS["modelonly-xla"]]  # and a model-only probe
-    jobs = sweep_jobs(_args(), preset, cfgs, ["cpu"], set())
+    jobs, _ = sweep_jobs(_args(), preset, cfgs, ["cpu"], set())
     per = pd.Series([c.name for c, _ in jobs]).value_counts()
     for c in cfgs:
         assert per[c.name] == (preset.probe_repeats if c.pipeline == "modelonly" else preset.repeats) and \
@@ -281,15 +281,15 @@ def test_quick_preset_repeats_training_configs_and_measures_the_breakdown_once()
         assert c.breakdown == (k == 0 or c.pipeline == "modelonly"), (c.name, k)
     assert [k for _, k in jobs] == sorted(k for _, k in jobs)  # repeat by repeat
     # --repeats applies to every configuration; a given --breakdown is kept in every repeat.
-    jobs = sweep_jobs(_args(repeats=2, breakdown=True), preset, cfgs, ["cpu"], set())
+    jobs, _ = sweep_jobs(_args(repeats=2, breakdown=True), preset, cfgs, ["cpu"], set())
     assert len(jobs) == 2 * len(cfgs) and all(c.breakdown for c, _ in jobs)
     done = {(cfgs[0].name, "cpu", 0)}
-    assert (cfgs[0].name, 0) not in [(c.name, k) for c, k in sweep_jobs(_args(), preset, cfgs, ["cpu"], done)]
+    assert (cfgs[0].name, 0) not in [(c.name, k) for c, k in sweep_jobs(_args(), preset, cfgs, ["cpu"], done)[0]]
 
 
 def test_smoke_preset_unchanged_one_repeat():
     preset = configs.PRESETS["smoke"]
-    jobs = sweep_jobs(_args(preset="smoke"), preset, configs.select(None, preset), ["cpu"], set())
+    jobs, _ = sweep_jobs(_args(preset="smoke"), preset, configs.select(None, preset), ["cpu"], set())
     assert len(jobs) == len(preset.configs) and all(c.breakdown for c, _ in jobs)
 
 

@@ -1,0 +1,206 @@
+"""Inference engines for a frozen model: TensorFlow, or OpenVINO's CPU plugin.
+
+featcache's feature pass and ``predict`` hand an engine a ``tf.function`` with one input
+signature (for the feature pass: uint8 images -> float32 features, the cast and /255 inside)
+and feed it batches. ``tf`` calls the function; ``openvino`` converts it once with
+``openvino.convert_model`` and runs the result. Conversion goes through the function's
+concrete function, not the SavedModel folder: ``convert_model(folder)`` converts only a
+SavedModel's signatures, and the project's random export has none (the result would be a model
+with no inputs, without an error).
+
+OpenVINO runs with the THROUGHPUT hint (on 2 cores: 2 streams x 1 thread) and an
+``AsyncInferQueue`` with as many requests as the plugin asks for, which keeps both streams busy
+and overlaps feeding with inference. Precision is asked with ``INFERENCE_PRECISION_HINT`` and
+read back from the executed graph, because the plugin silently runs float32 when bfloat16 is
+asked on a CPU without native bf16 (AVX512_BF16 or AMX). Measured on a 2-core AMD EPYC; see
+the README's results.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .errors import UnsupportedError
+
+# OpenVINO's element type names -> the dtype names used everywhere else in the row.
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+_HINTS = {"fp32": "f32", "mixed": "bf16"}  # --precision -> INFERENCE_PRECISION_HINT
+_CORE = None
+
+
+def import_openvino():
+    """``import openvino`` with its telemetry off, for this process only.
+
+    ``import openvino`` itself starts OpenVINO's usage telemetry (it counts as consented when no
+    consent file exists), writes ~/intel/openvino_ga_cid and starts sender threads. With the
+    ``openvino_telemetry`` package hidden, OpenVINO falls back to its bundled no-op stub."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+
+    return openvino
+
+
+def core():
+    global _CORE
+    if _CORE is None:
+        _CORE = import_openvino().Core()
+    return _CORE
+
+
+def cpu_capabilities() -> list[str]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES for the CPU, e.g. ['FP32', 'INT8', 'BIN', 'EXPORT_IMPORT']
+    on an AVX2 CPU; 'BF16' appears where the CPU has native bf16 (AVX512_BF16 or AMX)."""
+    return [str(c) for c in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def cpu_has_bf16() -> bool:
+    return "BF16" in cpu_capabilities()
+
+
+def check_precision(precision: str, flag: str = "--engine openvino --precision mixed") -> None:
+    """An UnsupportedError when ``precision`` asks OpenVINO for bf16 on a CPU without it: OpenVINO
+    would run float32 without a word, and a row labelled bf16 would be a copy of the fp32 one."""
+    if precision == "mixed" and not cpu_has_bf16():
+        raise UnsupportedError(f"{flag}: this CPU has no native bfloat16 (OpenVINO CPU capabilities: "
+                               f"{', '.join(cpu_capabilities())}), so OpenVINO would silently run float32; "
+                               "use --precision fp32")
+
+
+@dataclass
+class Engine:
+    """One compiled function. ``precision`` is what its convolutions ran in (float32, bfloat16);
+    ``setup_s`` the conversion and compilation (OpenVINO) seconds; ``details`` the settings the
+    runtime chose."""
+
+    name: str
+    precision: str
+    setup_s: float
+    call: Callable[[Any], np.ndarray]  # one batch -> outputs (synchronous)
+    run: Callable[[Iterable], list]  # [(batch, meta), ...] -> [(outputs, meta), ...] in input order
+    details: dict = field(default_factory=dict)
+
+    def __call__(self, batch) -> np.ndarray:
+        return self.call(batch)
+
+
+def make(name: str, fn, precision: str = "fp32", compute_dtype: str = "float32") -> Engine:
+    """An engine for ``fn`` (a ``tf.function`` with an ``input_signature``). ``precision`` is the
+    --precision knob; for ``tf`` the function already carries its precision (``compute_dtype``)."""
+    if name == "tf":
+        def call(batch):
+            return fn(batch).numpy()
+
+        return Engine("tf", compute_dtype, 0.0, call, lambda batches: [(call(b), m) for b, m in batches])
+    if name == "openvino":
+        return _openvino(fn, precision)
+    raise ValueError(name)
+
+
+# --- OpenVINO ---------------------------------------------------------------------------------
+
+def convert(fn):
+    """``tf.function`` -> ``openvino.Model`` (weights frozen into constants), checked to have one
+    input and one output."""
+    ov = import_openvino()
+    model = ov.convert_model(fn.get_concrete_function())
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise RuntimeError(f"OpenVINO conversion gave {len(model.inputs)} inputs and {len(model.outputs)} outputs, "
+                           "expected 1 and 1")
+    return model
+
+
+def runtime_precision(compiled) -> str:
+    """The precision most convolutions and matmuls run in, read from the executed graph."""
+    counts = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in ("Convolution", "FullyConnected", "MatMul"):
+            counts[info["runtimePrecision"].astype(str)] += 1
+    if not counts:
+        return _DTYPES.get(str(compiled.get_property("INFERENCE_PRECISION_HINT")), "unknown")
+    precision = counts.most_common(1)[0][0]
+    return _DTYPES.get(precision, precision)
+
+
+def compile_model(model, precision: str = "fp32", hint: str = "THROUGHPUT"):
+    """Compile for the CPU at ``precision`` (fp32 or mixed = bf16); the precision is always set,
+    since a bf16-capable CPU defaults to bf16."""
+    check_precision(precision)
+    return core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": _HINTS[precision],
+                                               "PERFORMANCE_HINT": hint})
+
+
+def _details(compiled) -> dict:
+    out = {}
+    for key in ("PERFORMANCE_HINT", "NUM_STREAMS", "INFERENCE_NUM_THREADS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS"):
+        try:
+            out[key] = str(compiled.get_property(key))
+        except RuntimeError:  # a property this plugin version does not have
+            pass
+    return out
+
+
+def _openvino(fn, precision: str) -> Engine:
+    ov = import_openvino()
+    check_precision(precision)
+    start = time.perf_counter()
+    compiled = compile_model(convert(fn), precision)
+    setup = time.perf_counter() - start
+    request = compiled.create_infer_request()
+    jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+
+    def as_array(batch):
+        return batch.numpy() if hasattr(batch, "numpy") else np.asarray(batch)
+
+    def call(batch):
+        return request.infer({0: as_array(batch)})[0].copy()
+
+    def run(batches):
+        queue = ov.AsyncInferQueue(compiled, jobs)
+        done: dict[int, tuple] = {}
+
+        def finished(req, userdata):
+            index, meta = userdata
+            # The request's output tensor is reused by its next inference: copy it out.
+            done[index] = (req.get_output_tensor(0).data.copy(), meta)
+
+        queue.set_callback(finished)
+        count = 0
+        for batch, meta in batches:
+            # Waits for a free request; copies the input, so the caller may reuse its buffer.
+            queue.start_async({0: as_array(batch)}, (count, meta))
+            count += 1
+        queue.wait_all()
+        return [done[i] for i in range(count)]
+
+    return Engine("openvino", runtime_precision(compiled), setup, call, run, _details(compiled))
+
+
+def matmul_peak_flops(dtype: str, n: int = 4096, repeats: int = 3) -> float:
+    """Dense n x n matmul FLOP/s on OpenVINO's CPU plugin at ``dtype`` (float32 or bfloat16),
+    median of ``repeats`` after one warm-up: the same kernels library the engine runs."""
+    ov = import_openvino()
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([n, n], ov.Type.f32)
+    b = ops.constant(rng.random((n, n), dtype=np.float32))
+    model = ov.Model([ops.matmul(a, b, False, False)], [a])
+    hint = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+    compiled = core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    x = rng.random((n, n), dtype=np.float32)
+    request.infer({0: x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        request.infer({0: x})
+        times.append(time.perf_counter() - start)
+    return 2.0 * n**3 / float(np.median(times))

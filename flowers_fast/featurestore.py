@@ -1,0 +1,101 @@
+"""featcache's features kept on disk between runs (``--reuse-features``).
+
+A run's features are stored under a key of everything that decides them: the model (its
+SavedModel fingerprint), the engine and its library version, the precision, the device, the
+image size and decoding, and every file with its size and modification time. A later run with
+the same key loads them instead of running the feature pass, which makes tuning the head
+(learning rate, epochs) nearly free. Any change to the model, the engine, the precision or a
+single file gives a new key, so a stale file is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .config import RunConfig
+from .errors import OutputError
+
+FORMAT = 1  # bump when the decoding or the stored layout changes
+
+
+def model_fingerprint(handle: str) -> str:
+    """The SavedModel's fingerprint (TensorFlow's, from fingerprint.pb, which hashes the graph and
+    the checkpoint); for a model saved without one, a hash of its graph and variable index."""
+    from .tfkeras import hub, tf
+
+    path = Path(hub.resolve(handle) if re.match(r"^https?://", handle) else handle)
+    if (path / "fingerprint.pb").exists():
+        return tf.saved_model.experimental.read_fingerprint(str(path)).singleprint()
+    digest = hashlib.sha256()
+    for part in [path / "saved_model.pb", *sorted((path / "variables").glob("*.index"))]:
+        digest.update(part.read_bytes())
+    return digest.hexdigest()
+
+
+def engine_version(engine: str) -> str:
+    if engine == "openvino":
+        from .engine import import_openvino
+
+        return "openvino " + import_openvino().__version__
+    from .tfkeras import tf
+
+    return "tensorflow " + tf.__version__
+
+
+def key(cfg: RunConfig, handle: str, compute_dtype: str, files) -> tuple[str, dict]:
+    """(hex key, what it was made of) for the features of ``files`` under ``cfg``."""
+    listing = []
+    for f in sorted(files):
+        st = os.stat(f)
+        listing.append([str(f), st.st_size, st.st_mtime_ns])
+    parts = dict(format=FORMAT, model=model_fingerprint(handle), engine=cfg.engine,
+                 engine_version=engine_version(cfg.engine), precision=cfg.precision, compute_dtype=compute_dtype,
+                 device=cfg.device, image_size=cfg.image_size, dct_decode=cfg.dct_decode,
+                 xla_backbone=cfg.xla_backbone, files=hashlib.sha256(json.dumps(listing).encode()).hexdigest(),
+                 num_files=len(listing))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
+
+
+def path(cache: Path, digest: str) -> Path:
+    return Path(cache) / "features" / f"{digest}.npz"
+
+
+def load(cache: Path, digest: str) -> tuple[dict[str, np.ndarray], str] | None:
+    """({file: features}, the precision they were computed in) stored under ``digest``, or None.
+    Files missing from it did not decode."""
+    p = path(cache, digest)
+    if not p.is_file():
+        return None
+    try:
+        with np.load(p, allow_pickle=False) as stored:
+            return dict(zip(stored["files"].tolist(), stored["features"])), str(stored["precision"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # unreadable (damaged on disk): the pass runs again and replaces it
+
+
+def save(cache: Path, digest: str, parts: dict, files, features: np.ndarray, precision: str) -> Path:
+    """Store ``features`` (rows aligned with ``files``; computed in ``precision``) atomically, with
+    the key's parts beside them."""
+    p = path(cache, digest)
+    tmp = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=p.stem + ".", suffix=".npz", dir=p.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, files=np.asarray(list(files), dtype=str), features=features, precision=np.asarray(precision))
+        os.replace(tmp, p)
+        p.with_suffix(".json").write_text(json.dumps(parts, indent=1, sort_keys=True))
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"--reuse-features: cannot write {p} ({exc.strerror or exc}); free disk space or pass "
+                          "another --cache-dir") from None
+    return p
