@@ -13,7 +13,9 @@ keeps its traceback.
 | 7 | device: the asked-for device is not there |
 | 8 | output: a result or figure cannot be written |
 | 9 | a sweep finished, but some configurations failed (see their rows) |
+| 10 | cluster: a multi-worker peer never came, died, or disagrees |
 | 130 | interrupted (Ctrl-C) |
+| 143 | terminated (SIGTERM) |
 
 Messages that name a command name it as the user invoked it (:func:`invoked`).
 """
@@ -52,8 +54,15 @@ class OutputError(UserError):
     exit_code = 8
 
 
+class ClusterError(UserError):
+    """A multi-worker run failed as a cluster: a peer did not come, died or disagrees."""
+
+    exit_code = 10
+
+
 RUN_FAILED_EXIT_CODE = 9
 INTERRUPTED_EXIT_CODE = 130
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 
 # python -m <module>  <->  the console script pyproject installs for it

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, data, distribute, metrics, pipeline
+from . import baseline, cluster, data, distribute, metrics, pipeline
 from . import model as models
 from .config import RunConfig
 from .errors import DataError
@@ -70,8 +70,23 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     runner = RUNNERS[cfg.pipeline]
     strategy = distribute.strategy(cfg)
     replicas = strategy.num_replicas_in_sync
+    member = cluster.current() if cfg.strategy == "multiworker" else None
     ctx = RunContext(cfg, cache, progress, strategy, cfg.batch_size * replicas,
-                     row={"replicas": replicas, "global_batch": cfg.batch_size * replicas})
+                     row={"replicas": replicas, "global_batch": cfg.batch_size * replicas,
+                          "workers": member.workers if member else 1,
+                          "cluster_task": f"{member.task[0]} {member.task[1]}" if member else ""})
+    try:
+        return _run(ctx, runner, t_start, keep_model)
+    except tf.errors.OpError as exc:
+        # A peer that died or timed out: one line instead of TensorFlow's "Graph execution error:" page.
+        lost = cluster.failure(exc) if member else None
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> RunResult:
+    cfg, cache, strategy = ctx.cfg, ctx.cache, ctx.strategy
     if runner.needs_data:
         ctx.dataset = data.resolve(cfg, cache)
         ctx.split = data.split(ctx.dataset, cfg.test_fraction, cfg.seed)
