@@ -138,8 +138,12 @@ class _Progress(keras.callbacks.Callback):
             self.bar.update(1)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.close()
+
+    def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _compiled(ctx: RunContext, build) -> "keras.Model":
@@ -157,10 +161,15 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     ``y`` and ``batch_size`` (the naive way)."""
     cfg, row = ctx.cfg, ctx.row
     timer = metrics.EpochTimer()
-    steps = -(-n_train // ctx.global_batch)
-    model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0,
-              callbacks=[timer, _Progress(steps, label, ctx.progress)])
+    bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
+    try:
+        _fit(model, cfg, train_x, train_y, batch_size, [timer, bar])
+    finally:
+        bar.close()  # an error message then starts on its own line
     times = timer.times
+    if len(times) != cfg.epochs:
+        raise RuntimeError(f"training ran {len(times)} of {cfg.epochs} epochs: the input ran out of data early "
+                           "(Keras stops without an error); every epoch must see the whole training set")
     row.update(first_epoch_s=times[0], **metrics.steady(times), train_s=sum(times))
     row["train_img_s"] = n_train / row["steady_epoch_s"] if len(times) > 1 else n_train / times[0]
     row["end_to_end_img_s"] = row["train_img_s"]
@@ -174,6 +183,19 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     y_pred = np.argmax(model.predict(test_x, batch_size=batch_size, verbose=0), axis=-1)
     y_true = np.asarray(test_y) if test_y is not None else np.concatenate([y.numpy() for _, y in test_x])
     return y_true, y_pred
+
+
+def _fit(model, cfg: RunConfig, train_x, train_y, batch_size, callbacks) -> None:
+    if cfg.data_service:
+        # A tf.data service epoch ends when its workers run dry, and with several service workers
+        # or trainers the number of steps changes from epoch to epoch. Keras fixes the count after
+        # the first epoch, then ends training early ("Your input ran out of data", a warning) or
+        # cuts a longer epoch short, silently. One fit call per epoch counts every epoch afresh.
+        for epoch in range(cfg.epochs):
+            model.fit(train_x, train_y, initial_epoch=epoch, epochs=epoch + 1, batch_size=batch_size, verbose=0,
+                      callbacks=callbacks)
+    else:
+        model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0, callbacks=callbacks)
 
 
 def _breakdown(ctx: RunContext, model_rate: float, warmup_s: float, input_rate: float | None = None,
