@@ -4,6 +4,7 @@ export the offline model. The train flags are generated from RunConfig's knob de
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -46,21 +47,31 @@ def _print_table(row: dict) -> None:
 
 def cmd_train(args) -> int:
     cfg = RunConfig.from_flags(**given_knobs(args, TRAIN))
-    for path, flag in ((args.save, "--save"), (args.figures, "--figures")):
+    for path, flag in ((args.save, "--save"), (args.figures, "--figures"),
+                       (args.json and Path(args.json).parent, "--json")):
         if path:
             check_output_folder(Path(path), flag)
     from . import runtime
 
     runtime.setup(cfg)
-    from . import figures, train
+    from . import cluster, figures, train
 
     result = train.run(cfg, cache_path(args), progress=not args.quiet, keep_model=bool(args.save))
-    written = figures.run_figures(result, Path(args.figures), cfg.pipeline) if args.figures else []
+    member = cluster.current() if cfg.strategy == "multiworker" else None
+    helper = member is not None and not member.is_chief  # in a cluster, the chief alone writes the model
+    written = figures.run_figures(result, Path(args.figures), cfg.pipeline) if args.figures and not helper else []
     row = {**cfg.to_dict(), **result.row}
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, default=str))
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
-    if args.save:
+    if args.save and helper:
+        # Every task must take part in saving (MWMS reads variables collectively); only the chief keeps it.
+        with tempfile.TemporaryDirectory(prefix="flowers_fast_save_") as scratch:
+            result.model.save(scratch)
+        print(f"{member.label}: the chief saves the model and writes figures; this task's copy was discarded")
+    elif args.save:
         result.model.save(args.save)
         # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
         (Path(args.save) / "classes.txt").write_text("\n".join(result.classes) + "\n")
@@ -92,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", metavar="PATH", help="save the trained model (SavedModel) for predict --checkpoint")
     g.add_argument("--figures", metavar="DIR", help="write a confusion matrix (CSV, PNG) and a grid of test "
                                                     "images with true and predicted labels")
+    g.add_argument("--json", metavar="PATH", help="also write the result row (every CSV column) to PATH as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
