@@ -195,13 +195,16 @@ def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
 def execute(args) -> int:
     out = Path(args.out)
     if args.resume:
-        run_id, path, saved = _resume_target(out, args.resume)
+        run_id, path, saved = _resume_target(_own_folder(out) if args.resume == "latest" else out, args.resume)
         out = path.parent  # a resumed run writes only beside the CSV it resumes
         for key, value in saved.items():
             if value is not None and key not in ("out", "resume"):
                 setattr(args, key, value)
     # Every mistake is found before anything is written.
     preset, cfgs = sweep_configs(args)
+    member = cluster_task(args)
+    if member and not member.is_chief and not args.resume:
+        out = out / member.folder
     devices, skipped = plan(args)
     check_out_dir(out)
     if not args.resume:
@@ -227,6 +230,12 @@ def execute(args) -> int:
                   python_version=platform.python_version(), host_cpu_count=os.cpu_count())
     print(f"bench run {run_id}: {len(jobs)} runs ({len(done)} already done) on {', '.join(devices)}; "
           f"preset {args.preset}; results -> {path}", file=sys.stderr)
+    if member:
+        role = "the chief: the sweep's results are these" if member.is_chief else \
+            f"the chief ({' '.join(map(str, member.chief))}) writes the sweep's results under its --out; these are " \
+            "this task's own rows"
+        print(f"bench: {member.label} of a multiworker sweep (cluster from {member.source}), {role}; every task "
+              "must run the same command", file=sys.stderr)
     bar = tqdm(jobs, desc="sweep", unit="run", disable=not interactive)
     for cfg, k in bar:
         bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
@@ -260,6 +269,32 @@ def summary_table(df: pd.DataFrame) -> str:
 def _sweep_args(args) -> dict:
     """What defines the sweep, saved beside its CSV so that --resume can run the same one."""
     return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+
+
+def cluster_task(args):
+    """With --strategy multiworker, this process's task (from TF_CONFIG or SLURM; a one-line error
+    without either), else None.
+
+    Every task runs the same sweep in lockstep: each configuration is one cluster run whose
+    tasks wait for each other (rendezvous). The chief writes to --out as usual; every other task
+    writes its own rows to --out/<job>-<index>, so that on a shared folder nothing is clobbered."""
+    if getattr(args, "strategy", None) != "multiworker":
+        return None
+    from flowers_fast.cluster import find
+
+    return find(resolve=False)
+
+
+def _own_folder(out: Path) -> Path:
+    """Where ``--resume`` alone looks: a non-chief task of a multiworker sweep resumes its own rows."""
+    from flowers_fast.cluster import find
+
+    try:
+        member = find(resolve=False)
+    except UserError:
+        return out
+    mine = out / member.folder
+    return mine if not member.is_chief and mine.is_dir() else out
 
 
 def _resume_target(out: Path, resume: str) -> tuple[str, Path, dict]:
