@@ -68,11 +68,12 @@ def cmd_train(args) -> int:
     _print_table(row)
     if args.save and helper:
         # Every task must take part in saving (MWMS reads variables collectively); only the chief keeps it.
-        with tempfile.TemporaryDirectory(prefix="flowers_fast_save_") as scratch:
+        with tempfile.TemporaryDirectory(prefix="flowers_fast_save_") as scratch, cluster.one_line_failures(True):
             result.model.save(scratch)
         print(f"{member.label}: the chief saves the model and writes figures; this task's copy was discarded")
     elif args.save:
-        result.model.save(args.save)
+        with cluster.one_line_failures(member is not None):
+            result.model.save(args.save)
         # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
         (Path(args.save) / "classes.txt").write_text("\n".join(result.classes) + "\n")
         (Path(args.save) / "run.json").write_text(cfg.to_json())

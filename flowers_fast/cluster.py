@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import rendezvous
@@ -341,3 +342,15 @@ def failure(exc: BaseException) -> ClusterError | None:
         return None
     where = f"{_current.label}: " if _current else ""
     return ClusterError(f"--strategy multiworker: {where}{describe(exc)}")
+
+
+@contextmanager
+def one_line_failures(active: bool):
+    """Inside, with ``active`` (a multiworker run), a cluster error becomes one ClusterError line."""
+    try:
+        yield
+    except Exception as exc:
+        lost = failure(exc) if active else None
+        if lost is None:
+            raise
+        raise lost from None

@@ -75,14 +75,9 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
                      row={"replicas": replicas, "global_batch": cfg.batch_size * replicas,
                           "workers": member.workers if member else 1,
                           "cluster_task": f"{member.task[0]} {member.task[1]}" if member else ""})
-    try:
+    # A peer that died or timed out: one line instead of TensorFlow's "Graph execution error:" page.
+    with cluster.one_line_failures(member is not None):
         return _run(ctx, runner, t_start, keep_model)
-    except tf.errors.OpError as exc:
-        # A peer that died or timed out: one line instead of TensorFlow's "Graph execution error:" page.
-        lost = cluster.failure(exc) if member else None
-        if lost is None:
-            raise
-        raise lost from None
 
 
 def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> RunResult:
