@@ -306,13 +306,14 @@ def test_two_workers_agree_and_match_one_process(small_model, tmp_path):
     # 64 images: 48 to train in global batches of 32 and 16, which split evenly over 2 workers
     # (16+16, 8+8). Only then does the 2-worker run equal one process to ~1e-5 (Keras weighs
     # each worker's mean loss equally); bench loopback says so when a split is uneven.
-    given = dict(num_images=64, image_size=96, epochs=2, batch_size=16, breakdown=False, model_handle=str(small_model))
+    given = dict(num_images=64, image_size=96, epochs=2, batch_size=16, model_handle=str(small_model))
     rows = loopback.run(given, 2, tmp_path, timeout=600, together=True)
     w0, w1, one = rows["worker 0"], rows["worker 1"], rows["one process"]
     assert (w0["workers"], w0["replicas"], w0["global_batch"]) == (2, 2, 32)
     assert (one["workers"], one["replicas"], one["global_batch"]) == (1, 1, 32)
     assert (w0["cluster_task"], w1["cluster_task"]) == ("worker 0", "worker 1")
     assert not loopback.uneven(w0, 2)
+    assert w0["model_only_img_s"] > 0 and w1["model_only_img_s"] > 0  # the breakdown's steps stay paired
     # The workers hold one model: bit-identical results.
     assert (w0["test_loss"], w0["test_accuracy"]) == (w1["test_loss"], w1["test_accuracy"])
     assert w0["train_images"] == one["train_images"] == 48
@@ -506,7 +507,7 @@ def test_bench_run_on_every_slurm_task_chief_writes_the_csv(small_model, tmp_pat
     out = tmp_path / "results"  # one folder for both, as on a shared file system
     base = _port_pair()
     argv = [sys.executable, "-m", "bench", "run", "--preset", "smoke", "--configs", "tfdata", "--num-images", "40",
-            "--image-size", "96", "--epochs", "2", "--model-handle", str(small_model),
+            "--image-size", "96", "--epochs", "2", "--model-handle", str(small_model), "--no-breakdown",
             "--strategy", "multiworker", "--slurm-port", str(base), "--out", str(out)]
     procs = []
     try:
@@ -523,7 +524,6 @@ def test_bench_run_on_every_slurm_task_chief_writes_the_csv(small_model, tmp_pat
     rows = pd.read_csv(chief)
     assert len(rows) == 1 and rows.loc[0, "status"] == "ok", rows.loc[0, "error"]
     assert (rows.loc[0, "workers"], rows.loc[0, "replicas"], rows.loc[0, "cluster_task"]) == (2, 2, "worker 0")
-    assert rows.loc[0, "model_only_img_s"] > 0  # the breakdown's timed steps stay in lockstep too
     assert pd.read_csv(out / "latest.csv").loc[0, "cluster_task"] == "worker 0"
     theirs = pd.read_csv(other)
     assert theirs.loc[0, "cluster_task"] == "worker 1" and theirs.loc[0, "test_loss"] == rows.loc[0, "test_loss"]
