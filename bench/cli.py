@@ -10,7 +10,7 @@ from flowers_fast.clikit import OneLineParser, add_knob_flags, positive_int, run
 from flowers_fast.config import SWEEP
 from flowers_fast.errors import invoked
 
-from . import compare, configs, dataservice, recommend, report
+from . import compare, configs, dataservice, loopback, recommend, report
 from .run import DEFAULTS
 
 
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     p = sub.add_parser("list", help="list configurations and presets")
     p.set_defaults(func=cmd_list)
-    for module in (report, compare, recommend, dataservice):
+    for module in (report, compare, recommend, dataservice, loopback):
         module.add_parser(sub)
     return parser
 

@@ -341,7 +341,7 @@ def execute(args) -> int:
     out = Path(args.out)
     meta = None
     if args.resume:
-        run_id, path, meta = _resume_target(out, args.resume)
+        run_id, path, meta = _resume_target(_own_folder(out) if args.resume == "latest" else out, args.resume)
         if args.out != DEFAULTS["out"] and args.resume != "latest" and Path(args.out).resolve() != path.parent.resolve():
             raise UserError(f"--out {args.out} and --resume {args.resume} disagree: a resumed run writes only beside "
                             "the CSV it resumes; drop --out")
@@ -354,6 +354,9 @@ def execute(args) -> int:
         if meta is None:
             raise
         raise DataError(f"{meta}: the run's saved settings are not valid now ({exc}); start a new run") from None
+    member = cluster_task(args)
+    if member and not member.is_chief and not args.resume:
+        out = out / member.folder
     devices, skipped = plan(args)
     check_out_dir(out)
     cache = cache_dir()
@@ -362,10 +365,10 @@ def execute(args) -> int:
         meta = out / f"run-{run_id}.json"
         atomic_text(meta, json.dumps(_sweep_args(args), indent=1))
     with run_lock(meta):
-        return _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache)
+        return _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, member)
 
 
-def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache) -> int:
+def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, member=None) -> int:
     for s in skipped:
         print(f"bench: skipping device {s}", file=sys.stderr)
     timeout_s = args.timeout or preset.timeout_s
@@ -394,6 +397,12 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache) -> in
                   python_version=platform.python_version(), host_cpu_count=os.cpu_count(), **facts)
     print(f"bench run {run_id}: {len(jobs)} runs ({len(done)} already done) on {', '.join(devices)}; "
           f"preset {args.preset}; results -> {path}", file=sys.stderr)
+    if member:
+        role = "the chief: the sweep's results are these" if member.is_chief else \
+            f"the chief ({' '.join(map(str, member.chief))}) writes the sweep's results under its --out; these are " \
+            "this task's own rows"
+        print(f"bench: {member.label} of a multiworker sweep (cluster from {member.source}), {role}; every task "
+              "must run the same command", file=sys.stderr)
     bar = tqdm(jobs, desc="sweep", unit="run", disable=not interactive)
     base = None
     try:
@@ -441,6 +450,32 @@ def summary_table(df: pd.DataFrame) -> str:
 def _sweep_args(args) -> dict:
     """What defines the sweep, saved beside its CSV so that --resume can run the same one."""
     return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+
+
+def cluster_task(args):
+    """With --strategy multiworker, this process's task (from TF_CONFIG or SLURM; a one-line error
+    without either), else None.
+
+    Every task runs the same sweep in lockstep: each configuration is one cluster run whose
+    tasks wait for each other (rendezvous). The chief writes to --out as usual; every other task
+    writes its own rows to --out/<job>-<index>, so that on a shared folder nothing is clobbered."""
+    if getattr(args, "strategy", None) != "multiworker":
+        return None
+    from flowers_fast.cluster import find
+
+    return find(resolve=False)
+
+
+def _own_folder(out: Path) -> Path:
+    """Where ``--resume`` alone looks: a non-chief task of a multiworker sweep resumes its own rows."""
+    from flowers_fast.cluster import find
+
+    try:
+        member = find(resolve=False)
+    except UserError:
+        return out
+    mine = out / member.folder
+    return mine if not member.is_chief and mine.is_dir() else out
 
 
 def _resume_target(out: Path, resume: str) -> tuple[str, Path, Path]:

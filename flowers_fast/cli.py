@@ -4,6 +4,7 @@ export the offline model. The train flags are generated from RunConfig's knob de
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -109,24 +110,36 @@ def cmd_train(args) -> int:
         if taken:
             raise OutputError(f"--figures {fig_dir}: already holds {taken[0]}; pass another folder (nothing is "
                               "overwritten)")
+    if args.json:
+        check_output_folder(Path(args.json).expanduser().parent, "--json")
     from . import runtime
 
     runtime.setup(cfg)
-    from . import figures, train
+    from . import cluster, figures, train
 
     result = train.run(cfg, cache, progress=not args.quiet, keep_model=bool(save))
+    member = cluster.current() if cfg.strategy == "multiworker" else None
+    helper = member is not None and not member.is_chief  # in a cluster, the chief alone writes the model
     row = {**cfg.to_dict(), **result.row}
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, default=str))
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
     # The metrics are on screen; the model goes to disk before the figures, so that a figure that
     # cannot be written does not cost the trained model.
-    if save:
+    if save and helper:
+        # Every task must take part in saving (MWMS reads variables collectively); only the chief keeps it.
+        with tempfile.TemporaryDirectory(prefix="flowers_fast_save_") as scratch, cluster.one_line_failures(True):
+            result.model.save(scratch)
+        print(f"{member.label}: the chief saves the model and writes figures; this task's copy was discarded")
+    elif save:
         from .tfkeras import tf
 
         def write(tmp: Path) -> None:
             try:
-                result.model.save(str(tmp))
+                with cluster.one_line_failures(member is not None):
+                    result.model.save(str(tmp))
             except tf.errors.OpError as exc:  # TensorFlow's own type for a full disk
                 raise OSError(exc.message.strip().splitlines()[0][:160]) from None
             # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
@@ -135,7 +148,7 @@ def cmd_train(args) -> int:
 
         write_folder(save, "--save", write)
         print(f"saved model to {save}")
-    written = figures.run_figures(result, fig_dir, cfg.pipeline) if fig_dir else []
+    written = figures.run_figures(result, fig_dir, cfg.pipeline) if fig_dir and not helper else []
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -164,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", metavar="PATH", help="save the trained model (SavedModel) for predict --checkpoint")
     g.add_argument("--figures", metavar="DIR", help="write a confusion matrix (CSV, PNG) and a grid of test "
                                                     "images with true and predicted labels")
+    g.add_argument("--json", metavar="PATH", help="also write the result row (every CSV column) to PATH as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

@@ -114,6 +114,11 @@ class RunConfig:
                              "CPU host)", minimum=0, group="scaling out", metavar="N")
     data_service: str | None = knob(None, "tf.data service dispatcher that decodes for training (tfdata only)",
                                     group="scaling out", metavar="grpc://HOST:PORT")
+    peer_timeout: float = knob(300.0, "--strategy multiworker: seconds to wait for every peer to start before "
+                               "giving up", minimum=1, group="scaling out", metavar="S")
+    slurm_port: int = knob(8888, "--strategy multiworker under SLURM (srun, no TF_CONFIG): port of each node's first "
+                           "task; its next tasks take the next ports", minimum=1, maximum=65535, group="scaling out",
+                           metavar="PORT")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

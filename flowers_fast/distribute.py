@@ -1,8 +1,8 @@
 """Scaling out with TensorFlow's own engines: tf.distribute strategies and tf.data service.
 
 * ``strategy(cfg)``: default (one device), mirrored (every visible GPU of this host; on a
-  CPU-only host, every logical CPU device, see ``split_cpu``), multiworker (hosts listed in
-  TF_CONFIG). The caller builds the model under ``strategy.scope()`` and batches globally
+  CPU-only host, every logical CPU device, see ``split_cpu``), multiworker (the tasks listed in
+  TF_CONFIG or by SLURM, every failure bounded: ``cluster.py``). The caller builds the model under ``strategy.scope()`` and batches globally
   (``cfg.batch_size * strategy.num_replicas_in_sync``).
 * ``maybe_data_service(ds, cfg)``: with ``--data-service grpc://HOST:PORT`` the training
   input pipeline runs on tf.data service workers instead of this process.
@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 import uuid
 
+from . import cluster
+from .cluster import tf_config  # noqa: F401  (the TF_CONFIG check lives with the rest of the cluster code)
 from .config import RunConfig, data_service_address
 from .errors import DeviceError, UserError, invoked
 from .tfkeras import tf
@@ -36,8 +37,6 @@ JOB_ENV = "FLOWERS_FAST_DATA_SERVICE_JOB"
 PROCESSING_MODE = "distributed_epoch"
 
 _ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
-_TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                      '"task": {"type": "worker", "index": 0}}')
 
 
 # --- tf.distribute ----------------------------------------------------------------------------
@@ -72,47 +71,8 @@ def strategy(cfg: RunConfig) -> "tf.distribute.Strategy":
         # No GPU: one replica per logical CPU device (one, unless split_cpu made more).
         return tf.distribute.MirroredStrategy(devices=[d.name for d in tf.config.list_logical_devices("CPU")])
     if cfg.strategy == "multiworker":
-        tf_config()
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return cluster.strategy(cfg)  # waits for the peers, bounded; see cluster.py
     return tf.distribute.get_strategy()
-
-
-def tf_config() -> dict:
-    """TF_CONFIG, parsed and checked: a UserError naming TF_CONFIG if it is missing or malformed."""
-    text = os.environ.get("TF_CONFIG", "").strip()
-    if not text:
-        raise UserError("--strategy multiworker needs the TF_CONFIG environment variable on every host, e.g. "
-                        f"TF_CONFIG='{_TF_CONFIG_EXAMPLE}' (task index 0, 1, ... per host)")
-    try:
-        conf = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"TF_CONFIG is not valid JSON ({exc.msg} at character {exc.pos}); expected e.g. "
-                        f"{_TF_CONFIG_EXAMPLE}") from None
-
-    def bad(why: str) -> UserError:
-        return UserError(f"TF_CONFIG: {why}; expected e.g. {_TF_CONFIG_EXAMPLE}")
-
-    if not isinstance(conf, dict):
-        raise bad("must be a JSON object")
-    cluster, task = conf.get("cluster"), conf.get("task")
-    if not isinstance(cluster, dict) or not cluster:
-        raise bad('no "cluster" object listing the hosts')
-    for job, hosts in cluster.items():
-        if job not in ("chief", "worker"):
-            raise bad(f'cluster job {job!r} is not used by --strategy multiworker (only "chief" and "worker")')
-        if not isinstance(hosts, list) or not hosts:
-            raise bad(f'cluster "{job}" must be a non-empty list of "host:port"')
-        for host in hosts:
-            if not isinstance(host, str) or not _ADDRESS.match(host):
-                raise bad(f'cluster "{job}" entry {host!r} is not "host:port"')
-    if not isinstance(task, dict):
-        raise bad('no "task" object saying which host this is')
-    kind, index = task.get("type"), task.get("index")
-    if not isinstance(kind, str) or kind not in cluster:
-        raise bad(f'task type {kind!r} is not a job of the cluster ({", ".join(cluster)})')
-    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[kind]):
-        raise bad(f'task index {index!r} is not 0..{len(cluster[kind]) - 1} for "{kind}"')
-    return conf
 
 
 # --- tf.data service ---------------------------------------------------------------------------
@@ -129,11 +89,14 @@ def job_name(cfg: RunConfig) -> str:
     """The tf.data service job of this training run.
 
     A job name must be new for each run (a finished job read again yields nothing) and, with
-    several trainers (multiworker), the same on all of them so that they split one epoch."""
+    several trainers (multiworker), the same on all of them so that they split one epoch: the
+    run id the tasks agreed on in their rendezvous (the chief's), unless JOB_ENV names one."""
     name = os.environ.get(JOB_ENV, "").strip()
     if name:
         return name
     if cfg.strategy == "multiworker":
+        if cluster.run_id:
+            return f"flowers_fast-{cluster.run_id}"
         raise UserError(f"--data-service with --strategy multiworker: set {JOB_ENV} to the same new name on every "
                         f"host for each run (e.g. {JOB_ENV}=run-$(date +%s)), so the trainers share one epoch")
     return f"flowers_fast-{uuid.uuid4().hex[:12]}"

@@ -14,6 +14,7 @@ keeps its traceback.
 | 7 | device: the asked-for device, or a feature of it (native bfloat16), is not there |
 | 8 | output: a result or figure cannot be written |
 | 9 | a sweep finished, but some configurations failed (see their rows) |
+| 10 | cluster: a multi-worker peer never came, died, or disagrees |
 | 130 | interrupted (Ctrl-C) |
 | 141 | standard output closed early (e.g. piped into ``head``): the rest is dropped quietly |
 | 143 | stopped by SIGTERM (e.g. ``kill``, a job scheduler): cleaned up like Ctrl-C |
@@ -59,6 +60,12 @@ class UnsupportedError(DeviceError):
 
 class OutputError(UserError):
     exit_code = 8
+
+
+class ClusterError(UserError):
+    """A multi-worker run failed as a cluster: a peer did not come, died or disagrees."""
+
+    exit_code = 10
 
 
 REGRESSION_EXIT_CODE = 1

@@ -108,6 +108,10 @@ def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: 
     # replica the whole batch (replicas x the work, counted once).
     iterator = iter(model.distribute_strategy.experimental_distribute_dataset(dataset))
     train_function = model.make_train_function()
+    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # Each call all-reduces with the other workers, so they must all make the same number of
+        # calls: a count, not each worker's own clock (one extra call would wait forever).
+        min_calls, min_seconds = max(min_calls, 5), 0.0
     return timed_rate(lambda: train_function(iterator), batch_size, min_calls=min_calls, min_seconds=min_seconds)
 
 

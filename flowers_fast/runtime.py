@@ -48,10 +48,16 @@ def onednn_enabled() -> bool | None:
 
 
 def setup(cfg: RunConfig) -> None:
-    """Apply the device and oneDNN choices; the precision is handled per model (see model.py)."""
+    """Apply the device and oneDNN choices; the precision is handled per model (see model.py). With
+    --strategy multiworker, also find the cluster, make SIGTERM/Ctrl-C end the process at any
+    stage, and bound the cluster's registration (cluster.setup)."""
     if cfg.device == "cpu":
         hide_gpus_early()
     set_onednn(cfg.onednn)
+    if cfg.strategy == "multiworker":
+        from . import cluster
+
+        cluster.setup(cfg)
     from .tfkeras import tf
 
     gpus = tf.config.list_physical_devices("GPU")

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, runtime
+from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, runtime
 from . import model as models
 from .config import RunConfig
 from .errors import DataError, UserError
@@ -78,8 +78,19 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
         engine.check_precision(cfg.precision)  # before any work: bf16 where the CPU has none
     strategy = distribute.strategy(cfg)
     replicas = strategy.num_replicas_in_sync
+    member = cluster.current() if cfg.strategy == "multiworker" else None
     ctx = RunContext(cfg, cache, progress, strategy, cfg.batch_size * replicas,
-                     row={"replicas": replicas, "global_batch": cfg.batch_size * replicas}, predictions=predictions)
+                     row={"replicas": replicas, "global_batch": cfg.batch_size * replicas,
+                          "workers": member.workers if member else 1,
+                          "cluster_task": f"{member.task[0]} {member.task[1]}" if member else ""},
+                     predictions=predictions)
+    # A peer that died or timed out: one line instead of TensorFlow's "Graph execution error:" page.
+    with cluster.one_line_failures(member is not None):
+        return _run(ctx, runner, t_start, keep_model)
+
+
+def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> RunResult:
+    cfg, cache, strategy = ctx.cfg, ctx.cache, ctx.strategy
     if runner.needs_data:
         ctx.dataset = data.resolve(cfg, cache)
         ctx.split = data.split(ctx.dataset, cfg.test_fraction, cfg.seed)
@@ -133,8 +144,12 @@ class _Progress(keras.callbacks.Callback):
             self.bar.update(1)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.close()
+
+    def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class _StopOnDivergence(keras.callbacks.Callback):
@@ -167,10 +182,15 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     ``y`` and ``batch_size`` (the naive way)."""
     cfg, row = ctx.cfg, ctx.row
     timer = metrics.EpochTimer()
-    steps = -(-n_train // ctx.global_batch)
-    model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0,
-              callbacks=[timer, _Progress(steps, label, ctx.progress), _StopOnDivergence(cfg.learning_rate)])
+    bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
+    try:
+        _fit(model, cfg, train_x, train_y, batch_size, [timer, bar, _StopOnDivergence(cfg.learning_rate)])
+    finally:
+        bar.close()  # an error message then starts on its own line
     times = timer.times
+    if len(times) != cfg.epochs:
+        raise RuntimeError(f"training ran {len(times)} of {cfg.epochs} epochs: the input ran out of data early "
+                           "(Keras stops without an error); every epoch must see the whole training set")
     row.update(first_epoch_s=times[0], **metrics.steady(times), train_s=sum(times))
     row["train_img_s"] = n_train / row["steady_epoch_s"] if len(times) > 1 else n_train / times[0]
     row["end_to_end_img_s"] = row["train_img_s"]
@@ -189,6 +209,19 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     row["peak_rss_mb"] = metrics.peak_rss_mb()
     y_true = np.asarray(test_y) if test_y is not None else np.concatenate([y.numpy() for _, y in test_x])
     return y_true, y_pred
+
+
+def _fit(model, cfg: RunConfig, train_x, train_y, batch_size, callbacks) -> None:
+    if cfg.data_service:
+        # A tf.data service epoch ends when its workers run dry, and with several service workers
+        # or trainers the number of steps changes from epoch to epoch. Keras fixes the count after
+        # the first epoch, then ends training early ("Your input ran out of data", a warning) or
+        # cuts a longer epoch short, silently. One fit call per epoch counts every epoch afresh.
+        for epoch in range(cfg.epochs):
+            model.fit(train_x, train_y, initial_epoch=epoch, epochs=epoch + 1, batch_size=batch_size, verbose=0,
+                      callbacks=callbacks)
+    else:
+        model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0, callbacks=callbacks)
 
 
 def _breakdown(ctx: RunContext, model_rate: float, warmup_s: float, input_rate: float | None = None,
