@@ -8,7 +8,7 @@ import base64
 from datetime import datetime, timezone
 from html import escape
 
-from .report import GroupReport, formatted
+from .results import formatted
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto; max-width: 1300px;
@@ -55,7 +55,7 @@ def _table(table, pick: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _group(r: GroupReport, level: int) -> list[str]:
+def _group(r, level: int) -> list[str]:
     h = f"h{level}"
     out = []
     for p in r.picks:
@@ -81,7 +81,7 @@ def _group(r: GroupReport, level: int) -> list[str]:
     return out
 
 
-def render(reports: list[GroupReport], title: str = "Benchmark results", merged: list[str] | None = None) -> str:
+def render(reports: list, title: str = "Benchmark results", merged: list[str] | None = None) -> str:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',

@@ -30,7 +30,7 @@ import pandas as pd
 from flowers_fast.errors import OutputError, UserError, invoked
 
 from .plots import write_plots
-from .results import DEFAULT_CSV, devices, groups, load, machine_label, medians, text, truthy, values
+from .results import DEFAULT_CSV, devices, formatted, groups, load, machine_label, medians, num, text, truthy, values
 
 UNITS = "accuracy %, times s, throughput img/s, memory MB"
 
@@ -90,7 +90,7 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
 def _span(lo, hi, digits: int | None = None) -> str:
     if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
         return ""
-    fmt = (lambda v: f"{v:.{digits}f}") if digits is not None else _num
+    fmt = (lambda v: f"{v:.{digits}f}") if digits is not None else num
     return f"{fmt(lo)}–{fmt(hi)}"
 
 
@@ -126,37 +126,6 @@ def rgb_gain_line(m: pd.DataFrame) -> str:
 
 
 # --- rendering ------------------------------------------------------------------------------
-
-def _num(v) -> str:
-    if v is None or pd.isna(v):
-        return ""
-    v = float(v)
-    if abs(v) >= 100:
-        return f"{v:.0f}"
-    if abs(v) >= 10:
-        return f"{v:.1f}"
-    if abs(v) >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3g}"
-
-
-FORMATS = {
-    "test acc %": lambda v: "" if pd.isna(v) else f"{v:.1f}",
-    "speed-up vs naive": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
-    "peak RSS MB": lambda v: "" if pd.isna(v) else f"{v:.0f}",
-    "ok": lambda v: str(int(v)),
-    "errors": lambda v: str(int(v)),
-}
-
-
-def formatted(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as display strings (numbers rounded, NaN blank), configuration as a column."""
-    out = pd.DataFrame(index=table.index)
-    for col in table.columns:
-        fmt = FORMATS.get(col, _num if pd.api.types.is_numeric_dtype(table[col]) else text)
-        out[col] = table[col].map(fmt)
-    return out.reset_index()
-
 
 def render_console(tables: dict[str, pd.DataFrame]) -> str:
     parts = []

@@ -133,6 +133,39 @@ def text(value) -> str:
     return str(value).strip()
 
 
+# --- display ----------------------------------------------------------------------------------
+
+def num(v) -> str:
+    if v is None or pd.isna(v):
+        return ""
+    v = float(v)
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+FORMATS = {
+    "test acc %": lambda v: "" if pd.isna(v) else f"{v:.1f}",
+    "speed-up vs naive": lambda v: "" if pd.isna(v) else f"{v:.2f}x",
+    "peak RSS MB": lambda v: "" if pd.isna(v) else f"{v:.0f}",
+    "ok": lambda v: str(int(v)),
+    "errors": lambda v: str(int(v)),
+}
+
+
+def formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as display strings (numbers rounded, NaN blank), configuration as a column."""
+    out = pd.DataFrame(index=table.index)
+    for col in table.columns:
+        fmt = FORMATS.get(col, num if pd.api.types.is_numeric_dtype(table[col]) else text)
+        out[col] = table[col].map(fmt)
+    return out.reset_index()
+
+
 def truthy(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
