@@ -364,6 +364,7 @@ def execute(args) -> int:
         run_id, path = new_run_path(out)
         meta = out / f"run-{run_id}.json"
         atomic_text(meta, json.dumps(_sweep_args(args), indent=1))
+    args.run_csv = path  # for sweep(), which returns it (saved settings were written above, without it)
     with run_lock(meta):
         return _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, member)
 
@@ -547,3 +548,70 @@ def _apply_saved(args, saved: dict, meta: Path) -> None:
     for key, value in saved.items():
         if key != "out":
             setattr(args, key, value)
+
+
+# --- the same sweep from Python (a notebook) -------------------------------------------------
+
+class SweepResult:
+    """What ``sweep`` returns: the run's CSV, the exit code ``bench run`` would have ended with
+    (0, or 9 when a row failed), and what it printed when ``quiet``."""
+
+    def __init__(self, csv_path: Path, exit_code: int, output: str = ""):
+        self.csv, self.exit_code, self.output = csv_path, exit_code, output
+
+    def rows(self) -> pd.DataFrame:
+        """The run's rows as ``bench report`` reads them (``bench.results.load``: units normalised, ``acc_pct``)."""
+        from .results import load
+
+        return load([self.csv])
+
+    def plot(self, kind: str = "time") -> Path:
+        """The PNG that ``bench run`` wrote beside the CSV: ``time``, ``accuracy`` or ``stages``."""
+        return self.csv.with_name(f"{self.csv.stem}-{kind}.png")
+
+    def __repr__(self) -> str:
+        return f"SweepResult(csv={str(self.csv)!r}, exit_code={self.exit_code})"
+
+
+def sweep(configs=None, preset: str = "quick", out: str | Path = DEFAULTS["out"], device: str = "cpu",
+          repeats: int | None = None, timeout: int | None = None, figures: bool = False, remeasure: bool = False,
+          quiet: bool = False, **knobs) -> SweepResult:
+    """``python -m bench run`` from Python: the namespace the CLI's parser builds, with these values,
+    through the same ``execute`` (each configuration x repeat in its own subprocess, the CSV, the
+    report and plots beside it). ``configs``: names, as a list or "a,b"; ``knobs``: the sweep-wide
+    overrides ``bench run`` has flags for (``epochs=2``, ``num_images=100``, ``model_handle=...``).
+    Raises UserError subclasses as the CLI reports them; ``quiet`` keeps its printing in
+    ``result.output``."""
+    import contextlib
+
+    from flowers_fast.clikit import OneLineParser
+    from flowers_fast.config import knobs as declared
+
+    from .cli import add_run_parser
+
+    parser = OneLineParser(prog="bench")
+    args = add_run_parser(parser.add_subparsers(dest="command")).parse_args([])
+    allowed = {f.name for f in declared(SWEEP)}
+    for name in knobs:
+        if name not in allowed:
+            raise UserError(f"sweep: {name!r} is not a setting bench run can override for a sweep; "
+                            f"one of {', '.join(sorted(allowed))}")
+    if configs is not None and not isinstance(configs, str):
+        configs = ",".join(configs)
+    # What argparse checks on the command line.
+    if preset not in configs_mod.PRESETS:
+        raise UserError(f"sweep: preset {preset!r} is not one of {', '.join(configs_mod.PRESETS)}")
+    if device not in ("cpu", "gpu", "all"):
+        raise UserError(f"sweep: device {device!r} is not one of cpu, gpu, all")
+    for name, value in (("repeats", repeats), ("timeout", timeout)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"sweep: {name} must be a positive integer, got {value!r}")
+    vars(args).update(command="run", configs=configs, preset=preset, out=str(out), device=device,
+                      repeats=repeats, timeout=timeout, figures=figures, remeasure=remeasure, **knobs)
+    buffer = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            stack.enter_context(contextlib.redirect_stdout(buffer))
+            stack.enter_context(contextlib.redirect_stderr(buffer))
+        code = execute(args)
+    return SweepResult(Path(args.run_csv), code, buffer.getvalue())

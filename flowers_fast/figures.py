@@ -1,12 +1,15 @@
 """Figures for one trained configuration: a confusion matrix (CSV + PNG) and a grid of test
-images with their true and predicted classes. matplotlib's Agg canvas only: no display needed,
-no pyplot global state."""
+images with their true and predicted classes, and a grid of sample images.
+
+The ``*_figure`` functions return matplotlib ``Figure`` objects (a notebook shows them inline);
+``confusion_matrix``, ``prediction_grid`` and ``run_figures`` write the same figures to files
+(``train --figures``, ``bench run --figures``). No pyplot global state: no display needed."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,9 +34,9 @@ def _name(classes: Sequence[str], k: int) -> str:
     return str(classes[k]) if 0 <= k < len(classes) else f"class {k}"
 
 
-def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path, stem: str) -> tuple[Path, Path]:
-    """Write ``{stem}-confusion.csv`` (rows true class, columns predicted, counts, every class
-    present even if never seen) and ``{stem}-confusion.png`` (heatmap with counts) into ``out_dir``."""
+def confusion_table(y_true, y_pred, classes: Sequence[str]) -> pd.DataFrame:
+    """Counts with rows the true class and columns the predicted one, every class present even if
+    never seen (a label beyond ``classes`` gets a ``class k`` row and column)."""
     y_true = np.asarray(y_true).astype(int).ravel()
     y_pred = np.asarray(y_pred).astype(int).ravel()
     if y_true.shape != y_pred.shape:
@@ -43,15 +46,13 @@ def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path
     true = pd.Categorical([names[k] for k in y_true], categories=names)
     pred = pd.Categorical([names[k] for k in y_pred], categories=names)
     table = pd.crosstab(pd.Series(true, name="true"), pd.Series(pred, name="predicted"), dropna=False)
-    table = table.reindex(index=names, columns=names, fill_value=0)
-    out_dir = Path(out_dir)
-    csv_path = out_dir / f"{stem}-confusion.csv"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv_path)
-    except OSError as exc:
-        raise OutputError(f"{csv_path}: cannot write ({exc.strerror or exc})") from None
+    return table.reindex(index=names, columns=names, fill_value=0)
 
+
+def confusion_figure(table: pd.DataFrame, title: str) -> Figure:
+    """A heatmap of ``confusion_table``'s counts, titled ``title: confusion matrix (...)``."""
+    names = list(table.index)
+    n = len(names)
     counts = table.to_numpy()
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     fig = Figure(figsize=(1.1 * n + 2.5, 1.0 * n + 2))
@@ -69,8 +70,22 @@ def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path
         for j in range(n):
             ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9,
                     color="white" if counts[i, j] > threshold else "black")
-    ax.set_title(f"{stem}: confusion matrix ({counts.sum()} test images, accuracy {accuracy:.1%})", fontsize=10)
-    png_path = save_figure(fig, out_dir / f"{stem}-confusion.png")
+    ax.set_title(f"{title}: confusion matrix ({counts.sum()} test images, accuracy {accuracy:.1%})", fontsize=10)
+    return fig
+
+
+def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write ``{stem}-confusion.csv`` (``confusion_table``) and ``{stem}-confusion.png``
+    (``confusion_figure``) into ``out_dir``."""
+    table = confusion_table(y_true, y_pred, classes)
+    out_dir = Path(out_dir)
+    csv_path = out_dir / f"{stem}-confusion.csv"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv_path)
+    except OSError as exc:
+        raise OutputError(f"{csv_path}: cannot write ({exc.strerror or exc})") from None
+    png_path = save_figure(confusion_figure(table, stem), out_dir / f"{stem}-confusion.png")
     return csv_path, png_path
 
 
@@ -97,8 +112,7 @@ def _pick(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> list[int]:
     return sorted(chosen)
 
 
-def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequence[str], out_path: str | Path,
-                    n: int = 16) -> Path:
+def prediction_figure(files: Sequence[str | Path], y_true, y_pred, classes: Sequence[str], n: int = 16) -> Figure:
     """A grid of up to ``n`` test images titled "true / predicted", wrong predictions in red.
     Shows mistakes (up to half the grid) alongside correct ones, in test-set order."""
     y_true = np.asarray(y_true).astype(int).ravel()
@@ -125,7 +139,32 @@ def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequen
     shown_wrong = sum(int(y_true[i] != y_pred[i]) for i in chosen)
     fig.suptitle(f"true / predicted ({len(chosen)} of {count} test images, {shown_wrong} wrong shown in red)",
                  fontsize=10)
-    return save_figure(fig, Path(out_path))
+    return fig
+
+
+def prediction_grid(files: Sequence[str | Path], y_true, y_pred, classes: Sequence[str], out_path: str | Path,
+                    n: int = 16) -> Path:
+    """``prediction_figure`` written to ``out_path`` (PNG)."""
+    return save_figure(prediction_figure(files, y_true, y_pred, classes, n), Path(out_path))
+
+
+def sample_figure(images, labels, classes: Sequence[str], n: int = 8, title: str = "") -> Figure:
+    """The first ``n`` of ``images`` (uint8, or floats in [0, 1]; [N, H, W, 3]) titled with their
+    class. Channels are drawn as RGB: BGR arrays (OpenCV's order) show swapped colours, which is
+    what a model fed them sees."""
+    images = np.asarray(images)[:n]
+    cols = max(1, min(4, len(images)))
+    rows = max(1, math.ceil(len(images) / cols))
+    fig = Figure(figsize=(2.6 * cols, 2.8 * rows + 0.4))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, label in zip(axes, images, labels):
+        ax.imshow(np.clip(image, 0, 1) if image.dtype.kind == "f" else image)
+        ax.set_title(_name(classes, int(label)), fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def figure_names(stem: str) -> tuple[str, ...]:

@@ -200,3 +200,36 @@ def test_gpu_check_script_cpu_fallback(tmp_path, small_model):
     assert "PASS  tfdata-mixed: backbone convolutions run in bfloat16" in report
     assert "PASS  every configuration finished" in report
     assert "mixed precision model-only >= 1.5x fp32" in report  # reported on CPU, judged on GPU
+
+
+def test_sweep_from_python_is_bench_run(tmp_path):
+    """bench.run.sweep builds the namespace bench run's parser builds and goes through the same
+    execute: the same saved settings, rows and exit code (timeouts keep it fast)."""
+    res = bench("run", "--preset", "smoke", "--configs", "naive,tfdata", "--timeout", "2", "--epochs", "1",
+                "--out", str(tmp_path / "cli"))
+    assert res.returncode == 9
+    result = bench_run.sweep(configs=["naive", "tfdata"], preset="smoke", timeout=2, epochs=1,
+                             out=tmp_path / "py", quiet=True)
+    assert result.exit_code == 9 and result.csv.parent == tmp_path / "py" and "timeout" in result.output
+    rows = result.rows()
+    assert list(rows["status"]) == ["timeout", "timeout"] and set(rows["epochs"]) == {1}
+    import json
+
+    saved = [json.loads(next((tmp_path / d).glob("run-*.json")).read_text()) for d in ("cli", "py")]
+    assert {k: v for k, v in saved[0].items() if k != "out"} == {k: v for k, v in saved[1].items() if k != "out"}
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(learning_rate_x=1), "'learning_rate_x' is not a setting"),
+    (dict(pipeline="naive"), "'pipeline' is not a setting"),  # a configuration's, not the sweep's
+    (dict(epochs=0), "--epochs must be a positive integer"),
+    (dict(configs="nope"), "unknown configuration nope"),
+    (dict(device="tpu"), "device 'tpu'"),
+    (dict(repeats=0), "repeats must be a positive integer"),
+])
+def test_sweep_from_python_rejects_what_the_cli_rejects(tmp_path, kwargs, needle):
+    from flowers_fast.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        bench_run.sweep(preset="smoke", out=tmp_path, **kwargs)
+    assert not list(tmp_path.glob("run-*"))  # nothing written

@@ -120,3 +120,21 @@ def test_confusion_matrix_and_prediction_grid(images, tmp_path):
     files = [images[0], images[1], images[0], tmp_path / "gone.jpg"]
     grid = figures.prediction_grid(files, [0, 1, 0, 2], [0, 0, 0, 2], classes, tmp_path / "fig" / "grid.png", n=16)
     assert grid.exists() and grid.stat().st_size > 5000
+
+
+def test_figures_as_objects_for_a_notebook(images):
+    """The figures the files hold, as matplotlib Figures (what the notebook shows inline)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from flowers_fast import figures
+
+    classes = list(CLASSES)
+    table = figures.confusion_table([0, 0, 1, 7], [0, 1, 1, 7], classes)
+    assert list(table.index)[-1] == "class 7" and table.to_numpy().trace() == 3
+    cm = figures.confusion_figure(table, "featcache")
+    assert isinstance(cm, Figure) and "accuracy 75.0%" in cm.axes[0].get_title()
+    grid = figures.prediction_figure([images[0], images[1]], [0, 1], [0, 0], classes, n=4)
+    assert isinstance(grid, Figure) and "1 wrong" in grid._suptitle.get_text()
+    samples = figures.sample_figure(np.zeros((3, 8, 8, 3)), [0, 1, 2], classes, title="BGR")
+    assert [ax.get_title() for ax in samples.axes[:3]] == classes[:3]
