@@ -9,6 +9,7 @@ the run was started with, writing only beside the CSV it resumes.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -32,7 +33,7 @@ except ImportError:  # pragma: no cover
 import pandas as pd
 from tqdm import tqdm
 
-from flowers_fast.clikit import given_knobs
+from flowers_fast.clikit import add_knob_flags, given_knobs, positive_int
 from flowers_fast.config import SWEEP, RunConfig, implied
 from flowers_fast.download import cache_dir
 from flowers_fast.errors import (
@@ -323,6 +324,29 @@ def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
     return preset, [c.replace(**overrides) for c in chosen]
 
 
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="run configurations side by side and write a CSV under --out")
+    g = p.add_argument_group("the sweep")
+    g.add_argument("--device", choices=("cpu", "gpu", "all"), default=DEFAULTS["device"], help="(default: cpu)")
+    g.add_argument("--preset", choices=tuple(configs_mod.PRESETS), default=DEFAULTS["preset"], help="(default: quick)")
+    g.add_argument("--configs", metavar="NAME,...", help="configurations to run (default: the preset's); "
+                                                         f"see {invoked('bench')} list")
+    g.add_argument("--repeats", type=positive_int, help="runs of each configuration (default: the preset's)")
+    g.add_argument("--timeout", type=positive_int, metavar="S", help="seconds per configuration (default: the "
+                                                                     "preset's)")
+    g.add_argument("--figures", action="store_true", help="write confusion matrices and prediction grids")
+    g.add_argument("--remeasure", action="store_true",
+                   help="measure this machine's matmul peak and the model's FLOPs again instead of reusing the "
+                        "values cached for this machine and TensorFlow version")
+    g.add_argument("--out", default=DEFAULTS["out"], metavar="DIR", help="where results go (default: results)")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="RUN_CSV",
+                   help="continue the newest (or the given) run: skip rows already there")
+    # Every knob a sweep may override, e.g. --epochs, --num-images, --model-handle.
+    add_knob_flags(p, SWEEP)
+    p.set_defaults(func=execute)
+    return p
+
+
 @contextmanager
 def run_lock(meta: Path):
     """One sweep per run at a time: a second one (say, --resume while the first still runs) would
@@ -587,10 +611,8 @@ def sweep(configs=None, preset: str = "quick", out: str | Path = DEFAULTS["out"]
     from flowers_fast.clikit import OneLineParser
     from flowers_fast.config import knobs as declared
 
-    from .cli import add_run_parser
-
     parser = OneLineParser(prog="bench")
-    args = add_run_parser(parser.add_subparsers(dest="command")).parse_args([])
+    args = add_parser(parser.add_subparsers(dest="command")).parse_args([])
     allowed = {f.name for f in declared(SWEEP)}
     for name in knobs:
         if name not in allowed:
