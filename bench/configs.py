@@ -60,18 +60,22 @@ PRESETS = {
     "smoke": Preset("seconds per configuration, for CI: 40 synthetic images at 96 px, 2 epochs",
                     ("naive", "tutorial", "tfdata", "featcache"),
                     dict(dataset="synthetic", num_images=40, image_size=96, epochs=2), timeout_s=300),
-    # Three repeats of every configuration in under 15 minutes on 2 CPU cores (each worker
-    # spends 20-30 s starting TensorFlow, loading the model and evaluating, on top of its
-    # training), so the quick preset keeps the configurations whose time differs on this data:
-    # naive-rgb trains like naive (its point is accuracy on real photos with real weights),
-    # tfdata-dct decodes like tfdata on images this size, modelonly(-mixed) is what tfdata's
-    # (tfdata-mixed's) breakdown measures, and XLA on this kind of CPU costs 30 s of compilation
-    # to run MobileNetV2 about 20x slower. The full preset runs them all.
-    "quick": Preset("the default: 600 synthetic images with the real set's sizes, 224 px, 5 epochs like the "
-                    "notebook, 3 repeats; under 15 minutes on 2 CPU cores",
-                    ("naive", "tutorial", "tfdata", "tfdata-mixed", "featcache", "featcache-mixed", "featcache-onednn",
-                     "featcache-ov", "featcache-ov-bf16"),
-                    dict(dataset="synthetic", num_images=600, image_size=224, epochs=5), repeats=3,
+    # Under 15 minutes on 2 CPU cores, where TensorFlow trains MobileNetV2 at about 50 img/s
+    # (an AMD EPYC: oneDNN off by default) and each worker spends 30-60 s starting TensorFlow,
+    # evaluating and (first repeat) measuring the breakdown on top of its training. With 600 images,
+    # 3 repeats and 9 configurations, each first-repeat run took 1.5-2.2 minutes here, so the
+    # quick preset keeps the configurations that answer "how to feed it" and "what runs the
+    # frozen pass", 400 images and 2 repeats (a median and a min-max spread). Left to the full
+    # preset (or --configs): naive-rgb trains like naive (its point is accuracy on real photos
+    # with real weights), tfdata-dct decodes like tfdata on images this size, the mixed
+    # configurations run bf16 on a CPU without native bf16 (a tfdata-mixed epoch took 13.5 s
+    # against tfdata's 10.4 s here), and XLA on this kind of CPU costs 30 s of compilation to run
+    # MobileNetV2 about 20x slower.
+    "quick": Preset("the default: 400 synthetic images with the real set's sizes, 224 px, 5 epochs like the "
+                    "notebook, 2 repeats; under 15 minutes on 2 CPU cores",
+                    ("naive", "tutorial", "tfdata", "featcache", "featcache-onednn", "featcache-ov",
+                     "featcache-ov-bf16"),
+                    dict(dataset="synthetic", num_images=400, image_size=224, epochs=5), repeats=2,
                     timeout_s=900, probe_repeats=1, breakdown_once=True),
     "full": Preset("real flower_photos (3670 images) and the TF Hub model, every configuration, 3 repeats",
                    tuple(CONFIGS), dict(dataset="flowers", image_size=224, epochs=5, model_handle="hub"),

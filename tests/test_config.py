@@ -72,7 +72,7 @@ def test_sweep_overrides_apply_to_every_configuration(tmp_path):
     _, cfgs = bench_run.sweep_configs(args)
     assert [(c.name, c.pipeline, c.epochs, c.learning_rate) for c in cfgs] == [
         ("naive", "naive", 2, 0.01), ("featcache", "featcache", 2, 0.01)]
-    assert cfgs[0].num_images == 600  # the quick preset's, not overridden
+    assert cfgs[0].num_images == 400  # the quick preset's, not overridden
 
 
 @pytest.mark.parametrize("argv,needle", [
