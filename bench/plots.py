@@ -204,6 +204,7 @@ def _accuracy_vs_time(med, picks, path: Path, subtitle: str) -> Path:
     devs = ordered(trained["device"], DEVICE_ORDER) or ordered(med["device"], DEVICE_ORDER)
     fig = Figure(figsize=(8.5 * len(devs) + 3.5, 6.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(devs), squeeze=False)[0])
+    labels = []  # (axes, times, accuracies, names), labelled once the layout is known
     rss_all = trained["peak_rss_mb"].to_numpy(dtype=float)
     rss_ref = np.nanmax(rss_all) if np.isfinite(rss_all).any() else 1000.0
 
@@ -249,7 +250,7 @@ def _accuracy_vs_time(med, picks, path: Path, subtitle: str) -> Path:
         ax.grid(alpha=0.3)
         ax.set_title(f"{_device_title(med, dev)}: {_repeats_note(m)}", fontsize=10)
         ax.autoscale_view()
-        _label_points(ax, t, a, list(m["name"]))
+        labels.append((ax, t, a, list(m["name"])))
         handles, _ = ax.get_legend_handles_labels()
         sizes = [Line2D([], [], ls="", marker="o", markersize=np.sqrt(area(v)), markerfacecolor="#4C72B0",
                         alpha=0.7, markeredgecolor="black", label=f"peak RSS {v:.0f} MB")
@@ -257,19 +258,25 @@ def _accuracy_vs_time(med, picks, path: Path, subtitle: str) -> Path:
         ax.legend(handles=handles + sizes, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   labelspacing=1.3, borderpad=0.9)
     fig.suptitle(f"Accuracy vs time to a trained model (marker area = peak memory)\n{subtitle}", fontsize=11)
+    # Labels are placed by where the points land on the page: only known once the layout has run.
+    fig.draw_without_rendering()
+    for args in labels:
+        _label_points(*args)
     return save_figure(fig, path, dpi=110)
 
 
 def _label_points(ax, xs, ys, names) -> None:
-    """Name each point; points that would get overlapping labels get theirs stacked downwards."""
-    placed: list[tuple[float, float]] = []
+    """Name each point; a label that would overlap one already placed (its text box, estimated
+    from its length) goes one line further down."""
+    to_points = 72.0 / ax.figure.dpi
+    placed: list[tuple[float, float, float]] = []  # left edge, baseline, width; in points
     order = sorted(range(len(names)), key=lambda i: (-ys[i], xs[i]))
     for i in order:
-        px, py = ax.transData.transform((xs[i], ys[i]))
-        dy = 5
-        while any(abs(px - qx) < 70 and abs(py + dy - qy) < 11 for qx, qy in placed):
+        px, py = (v * to_points for v in ax.transData.transform((xs[i], ys[i])))
+        left, width, dy = px + 7, 4.8 * len(names[i]), 5
+        while any(qx < left + width and left < qx + qw and abs(py + dy - qy) < 11 for qx, qy, qw in placed):
             dy -= 11
-        placed.append((px, py + dy))
+        placed.append((left, py + dy, width))
         ax.annotate(names[i], (xs[i], ys[i]), xytext=(7, dy), textcoords="offset points", fontsize=8)
 
 
