@@ -19,11 +19,10 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .clikit import add_knob_flags, given_knobs, positive_int
-from .config import HUB_CLASSIFIER, PREDICT
+from .config import HUB_CLASSIFIER, PREDICT, knobs
 from .errors import DataError, ModelError, UserError
 
 if TYPE_CHECKING:
@@ -242,6 +241,7 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
     images = check_images([str(i) for i in images])
     if checkpoint and not Path(checkpoint).expanduser().exists():
         load_checkpoint(checkpoint)  # its one-line error, before TensorFlow starts
+    cache_root = None if checkpoint else cache_dir(cache)  # a bad --cache-dir, before TensorFlow starts
     from .tfkeras import tf
 
     # Decode first: a bad image fails in seconds, before any model is loaded. (Decoded again
@@ -252,7 +252,7 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
         model, size, kind, labels = load_checkpoint(checkpoint)
         what = f"checkpoint {checkpoint} ({len(labels)} classes: {', '.join(labels)})"
     else:
-        handle, weights = resolve_classifier(model_handle, cache_dir(cache))
+        handle, weights = resolve_classifier(model_handle, cache_root)
         model, labels = load_hub_classifier(handle, weights)
         size, kind = HUB_SIZE, "unit"
         what = f"{handle} (weights {weights}), {len(labels)} ImageNet classes"
@@ -273,9 +273,10 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
 
 
 def cmd_predict(args) -> int:
-    knobs = {"engine": "tf", "precision": "fp32", **given_knobs(args, PREDICT)}
+    # The knobs' defaults are RunConfig's: flags left out of the command line are absent from args.
+    settings = {f.name: f.default for f in knobs(PREDICT)} | given_knobs(args, PREDICT)
     result = predict(args.images, checkpoint=args.checkpoint, model_handle=args.model_handle,
-                     cache=None if args.checkpoint else args.cache_dir, **knobs)
+                     cache=None if args.checkpoint else args.cache_dir, **settings)
     k = min(args.top, len(result.labels))
     print(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax probabilities")
     for path, p in zip(result.images, result.probs):
