@@ -68,29 +68,33 @@ def path(cache: Path, digest: str) -> Path:
     return Path(cache) / "features" / f"{digest}.npz"
 
 
-def load(cache: Path, digest: str) -> tuple[dict[str, np.ndarray], str] | None:
-    """({file: features}, the precision they were computed in) stored under ``digest``, or None.
-    Files missing from it did not decode."""
+def load(cache: Path, digest: str) -> tuple[dict[str, np.ndarray], str, float] | None:
+    """({file: features}, the precision they were computed in, their least cosine to TensorFlow
+    float32's, NaN if not measured) stored under ``digest``, or None. Files missing from it did not
+    decode."""
     p = path(cache, digest)
     if not p.is_file():
         return None
     try:
         with np.load(p, allow_pickle=False) as stored:
-            return dict(zip(stored["files"].tolist(), stored["features"])), str(stored["precision"])
+            cosine = float(stored["cosine"]) if "cosine" in stored.files else float("nan")
+            return dict(zip(stored["files"].tolist(), stored["features"])), str(stored["precision"]), cosine
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None  # unreadable (damaged on disk): the pass runs again and replaces it
 
 
-def save(cache: Path, digest: str, parts: dict, files, features: np.ndarray, precision: str) -> Path:
-    """Store ``features`` (rows aligned with ``files``; computed in ``precision``) atomically, with
-    the key's parts beside them."""
+def save(cache: Path, digest: str, parts: dict, files, features: np.ndarray, precision: str,
+         cosine: float = float("nan")) -> Path:
+    """Store ``features`` (rows aligned with ``files``; computed in ``precision``, ``cosine`` from
+    TensorFlow float32's) atomically, with the key's parts beside them."""
     p = path(cache, digest)
     tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=p.stem + ".", suffix=".npz", dir=p.parent)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, files=np.asarray(list(files), dtype=str), features=features, precision=np.asarray(precision))
+            np.savez(f, files=np.asarray(list(files), dtype=str), features=features, precision=np.asarray(precision),
+                     cosine=np.asarray(cosine))
         os.replace(tmp, p)
         p.with_suffix(".json").write_text(json.dumps(parts, indent=1, sort_keys=True))
     except OSError as exc:
