@@ -188,7 +188,7 @@ def cmd_loopback(args) -> int:
     with tempfile.TemporaryDirectory(prefix="flowers_fast_loopback_") as tmp, Outputs(args.overwrite) as outputs:
         logdir = outputs.folder(args.logs, "--logs") if args.logs else Path(tmp)
         for name in files(args.workers) if args.logs else []:
-            outputs.file(logdir / name, "--logs", instead="another folder")
+            outputs.file(logdir / name, "--logs", fix="pass another folder")
         print(f"loopback: {args.workers} workers on 127.0.0.1, then one process at the same global batch; "
               f"{given.get('num_images')} images at {given.get('image_size')} px, {given.get('epochs')} epochs",
               file=sys.stderr, flush=True)

@@ -394,7 +394,7 @@ def cmd_report(args) -> int:
         plot_dir = paths[0].parent if args.plot else None
         if plot_dir is not None:
             for png in plot_paths(df, plot_dir, paths[0].stem, args.pool):
-                outputs.file(png, "--plot", instead="--plot without the PNGs there (move them away)")
+                outputs.file(png, "--plot", fix="move it away")
         print(render_console_report(build(df, args.pool), df.attrs.get("merged", [])))
         written = write_reports(paths, markdown=markdown, html=html, plot_dir=plot_dir, stem=paths[0].stem,
                                 pool=args.pool)

@@ -80,7 +80,7 @@ def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
         from .figures import figure_names
 
         for name in figure_names(cfg.pipeline):
-            outputs.file(fig_dir / name, "--figures", instead="another folder")
+            outputs.file(fig_dir / name, "--figures", fix="pass another folder")
     json_path = outputs.file(args.json, "--json") if args.json else None
     from . import runtime
 

@@ -210,8 +210,8 @@ class Outputs:
                 from None
         return folder
 
-    def file(self, path, flag: str, instead: str = "a new file name") -> Path:
-        """Check one output file; returns it as a Path. ``instead``: what to pass instead."""
+    def file(self, path, flag: str, fix: str = "pass a new file name") -> Path:
+        """Check one output file; returns it as a Path. ``fix``: what to do when it exists."""
         path = Path(path).expanduser()
         real = _real(path)
         if real in self.inputs:
@@ -228,8 +228,7 @@ class Outputs:
                               "read); pass another file name (nothing is overwritten, even with --overwrite)")
         if there and not self.overwrite:
             link = " (a symlink)" if path.is_symlink() else ""
-            raise OutputError(f"{flag} {path}: already exists{link}; pass {instead}, or add --overwrite to replace "
-                              "it")
+            raise OutputError(f"{flag} {path}: already exists{link}; {fix}, or add --overwrite to replace it")
         self.mkdirs(path.parent, flag, path)
         return path
 
