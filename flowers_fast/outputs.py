@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -127,22 +128,34 @@ def _real(path: Path) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
-def is_run_file(path: Path) -> bool:
-    """A results file ``bench run --resume`` and ``bench report`` read: a run's CSV and JSON pair
-    (``run-X.csv`` beside ``run-X.json``), or a CSV whose header is a results CSV's (``latest.csv``,
-    a copy)."""
-    path = Path(_real(path))
-    if path.suffix not in (".csv", ".json") or not path.is_file():
+def _results_header(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            header = f.readline(4096).strip().split(",")
+    except OSError:
         return False
-    if path.with_suffix(".csv").is_file() and path.with_suffix(".json").is_file():
-        return True
+    return {"name", "device", "repeat", "status"} <= set(header)
+
+
+def is_run_file(path: Path) -> bool:
+    """A results file that ``bench run --resume`` and ``bench report`` read: a CSV with a results
+    header (``run-X.csv``, ``latest.csv``, a copy), or a run's settings: the ``.json`` beside such a
+    CSV, or a ``run-*.json`` holding a sweep's settings (its CSV comes with the first finished row)."""
+    path = Path(_real(path))
+    if not path.is_file():
+        return False
     if path.suffix == ".csv":
+        return _results_header(path)
+    if path.suffix != ".json":
+        return False
+    if path.with_suffix(".csv").is_file() and _results_header(path.with_suffix(".csv")):
+        return True
+    if path.name.startswith("run-") and path.stat().st_size < 1 << 20:
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                header = f.readline(4096).strip().split(",")
-        except OSError:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return False
-        return {"name", "device", "repeat", "status"} <= set(header)
+        return isinstance(saved, dict) and "preset" in saved
     return False
 
 

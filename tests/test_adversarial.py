@@ -406,6 +406,8 @@ CASES = [
          "--html {ws}/r/run-1.csv", "results file", setup=_run("r"), tool="bench"),
     Case("report-html-a-runs-json", ("report", RESULTS, "--html", "{ws}/results/run-20260101-000000.json",
                                      "--overwrite"), 8, "--html", "even with --overwrite", tool="bench"),
+    Case("report-html-a-started-runs-json", ("report", RESULTS, "--html", "{ws}/s/run-9.json", "--overwrite"), 8,
+         "--html", "results file", setup=_write("s/run-9.json", json.dumps(RUN_JSON)), tool="bench"),
     Case("report-html-latest-csv", ("report", RESULTS, "--html", "{ws}/results/latest.csv", "--overwrite"), 8,
          "--html", "results file", tool="bench"),
     Case("report-html-its-csv-with-overwrite", ("report", RESULTS, "--html", RESULTS, "--overwrite"), 8, "--html",
@@ -828,3 +830,13 @@ def test_a_new_run_never_takes_the_name_of_a_file_already_there(tmp_path, monkey
     (tmp_path / "run-20260101-000000-2-time.png").symlink_to("nowhere")
     run_id, path = bench_run.new_run_path(tmp_path)
     assert run_id == "20260101-000000-3" and path.name == "run-20260101-000000-3.csv"
+
+
+def test_a_refused_output_leaves_no_folder_made_for_another(ws, capsys, monkeypatch):
+    (ws / "notes.txt").write_text("my notes\n")
+    code, _, err = invoke("bench", ["report", EARLIER, "--markdown", str(ws / "new" / "sub" / "r.md"), "--html",
+                                    str(ws / "notes.txt")], capsys)
+    assert code == 8 and "--html" in err and not (ws / "new").exists()
+    monkeypatch.setenv("FLOWERS_FAST_CACHE", str(ws / "afile"))  # fails after --out was made
+    code, _, err = invoke("bench", ["run", "--configs", "naive", "--out", str(ws / "newout" / "r")], capsys)
+    assert code == 8 and "FLOWERS_FAST_CACHE" in err and not (ws / "newout").exists()
