@@ -27,6 +27,7 @@ from pathlib import Path
 from flowers_fast.clikit import add_knob_flags, given_knobs, positive_int
 from flowers_fast.config import TRAIN, flag_of, knobs
 from flowers_fast.errors import UserError, invoked
+from flowers_fast.outputs import Outputs, add_overwrite_flag
 
 # The tasks of a test or a loopback run: CPU only, quiet TensorFlow, no cluster from the caller.
 CLEAN_ENV = {"CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -102,10 +103,16 @@ def _wait(procs: dict, logs: dict, timeout: float) -> None:
         stop(procs.values())
 
 
+def files(workers: int) -> list[str]:
+    """What a loopback run writes into its logs folder."""
+    return [f"{stem}.{ext}" for stem in [f"worker{i}" for i in range(workers)] + ["single"] for ext in ("log", "json")]
+
+
 def run(given: dict, workers: int, logdir: Path, timeout: float = 900.0, together: bool = False) -> dict[str, dict]:
     """Train ``given`` as ``workers`` tasks, then as one process at the same global batch (at the
     same time with ``together``: faster, but the times then mean nothing). Returns the rows by
-    run name ("worker 0", ..., "one process")."""
+    run name ("worker 0", ..., "one process"). The caller checked ``logdir``'s :func:`files`: the
+    tasks replace them."""
     batch = given.get("batch_size", 32)
     rows, procs, logs = {}, {}, {}
     ports = free_ports(workers)
@@ -113,12 +120,12 @@ def run(given: dict, workers: int, logdir: Path, timeout: float = 900.0, togethe
         name = f"worker {i}"
         logs[name] = logdir / f"worker{i}.log"
         argv = train_argv({**given, "strategy": "multiworker", "batch_size": batch}) + \
-            ["--json", str(logdir / f"worker{i}.json")]
+            ["--json", str(logdir / f"worker{i}.json"), "--overwrite"]
         procs[name] = start(argv, task_env({"TF_CONFIG": tf_config(ports, i)}), logs[name])
     single = {"one process": None}
     logs["one process"] = logdir / "single.log"
     argv = train_argv({**given, "strategy": "default", "batch_size": batch * workers}) + \
-        ["--json", str(logdir / "single.json")]
+        ["--json", str(logdir / "single.json"), "--overwrite"]
     if together:
         procs["one process"] = start(argv, task_env(), logs["one process"])
     _wait(procs, logs, timeout)
@@ -167,6 +174,7 @@ def add_parser(sub) -> None:
     g.add_argument("--workers", type=positive_int, default=2, help="tasks in the cluster (default: 2)")
     g.add_argument("--timeout", type=positive_int, default=900, metavar="S", help="seconds per run (default: 900)")
     g.add_argument("--logs", metavar="DIR", help="keep each run's log and row here (default: a temporary folder)")
+    add_overwrite_flag(g, " (the --logs files)")
     add_knob_flags(p, TRAIN)
     # Small enough for a few minutes on 2 cores; 240 training images in global batches of 64 split evenly.
     p.set_defaults(func=cmd_loopback, num_images=320, image_size=96, epochs=5, breakdown=False)
@@ -177,9 +185,10 @@ def cmd_loopback(args) -> int:
     for f in knobs(TRAIN):
         if f.name in ("strategy", "data_service", "logical_cpus") and f.name in given:
             raise UserError(f"{invoked('bench')} loopback: {flag_of(f)} is set by the loopback run itself")
-    with tempfile.TemporaryDirectory(prefix="flowers_fast_loopback_") as tmp:
-        logdir = Path(args.logs) if args.logs else Path(tmp)
-        logdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="flowers_fast_loopback_") as tmp, Outputs(args.overwrite) as outputs:
+        logdir = outputs.folder(args.logs, "--logs") if args.logs else Path(tmp)
+        for name in files(args.workers) if args.logs else []:
+            outputs.file(logdir / name, "--logs", fix="pass another folder")
         print(f"loopback: {args.workers} workers on 127.0.0.1, then one process at the same global batch; "
               f"{given.get('num_images')} images at {given.get('image_size')} px, {given.get('epochs')} epochs",
               file=sys.stderr, flush=True)

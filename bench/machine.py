@@ -19,11 +19,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
+
+from flowers_fast.outputs import atomic_write
 
 # The ISA extensions that change how fast this job runs on a CPU: AVX-512 and its bf16 and
 # VNNI parts (oneDNN's bf16 kernels), AMX (bf16/int8 matrix tiles).
@@ -148,10 +149,7 @@ class Measured:
         data[key] = {"value": value, "measured": when}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(data, indent=1))
         except OSError:
             pass  # a read-only cache only costs the next worker a new measurement
         return value, when

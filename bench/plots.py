@@ -48,13 +48,18 @@ def write_plots(df: pd.DataFrame, out_dir: str | Path, stem: str = "") -> list[P
     med = medians(df)
     if med.empty or not (med["n_ok"] > 0).any():
         return []
-    out_dir = Path(out_dir)
-    prefix = f"{stem}-" if stem else ""
+    time_png, accuracy_png, stages_png = (Path(out_dir) / name for name in plot_names(stem))
     picks = recommendations(df)
     subtitle = _subtitle(df)
-    return [_time_to_model(df, med, picks, out_dir / f"{prefix}time.png", subtitle),
-            _accuracy_vs_time(med, picks, out_dir / f"{prefix}accuracy.png", subtitle),
-            _stages(med, out_dir / f"{prefix}stages.png", subtitle)]
+    return [_time_to_model(df, med, picks, time_png, subtitle),
+            _accuracy_vs_time(med, picks, accuracy_png, subtitle),
+            _stages(med, stages_png, subtitle)]
+
+
+def plot_names(stem: str = "") -> tuple[str, str, str]:
+    """The files :func:`write_plots` writes for ``stem``, so that callers can check them first."""
+    prefix = f"{stem}-" if stem else ""
+    return f"{prefix}time.png", f"{prefix}accuracy.png", f"{prefix}stages.png"
 
 
 def recommendations(df: pd.DataFrame) -> dict[str, pd.Series]:

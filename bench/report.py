@@ -22,14 +22,16 @@ import os
 import re
 import shlex
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from flowers_fast.errors import OutputError, UserError, invoked
+from flowers_fast.outputs import Outputs, add_overwrite_flag, atomic_write
 
-from .plots import write_plots
+from .plots import plot_names, write_plots
 from .results import DEFAULT_CSV, devices, formatted, groups, load, machine_label, medians, num, text, truthy, values
 
 UNITS = "accuracy %, times s, throughput img/s, memory MB"
@@ -148,17 +150,27 @@ def render_console_report(reports: list["GroupReport"], merged: list[str]) -> st
     return "\n\n".join(parts)
 
 
+def md_text(value) -> str:
+    """User text (a folder name, an error message) in Markdown: ``<``, ``>`` and ``&`` as HTML
+    entities, so that a renderer shows ``<script>`` instead of running it, and on one line, so
+    that it cannot start a heading, a list or a table of its own."""
+    shown = text(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return " ".join(shown.splitlines())
+
+
+def md_cell(value) -> str:
+    """:func:`md_text` in a pipe table's cell, where ``|`` would end the cell."""
+    return md_text(value).replace("|", "\\|")
+
+
 def pipe_table(df: pd.DataFrame) -> str:
     """A DataFrame of strings as a GitHub Markdown pipe table (numbers right-aligned)."""
-    def cell(value) -> str:
-        return text(value).replace("|", "\\|").replace("\n", " ")
-
     cols = [str(c) for c in df.columns]
     numeric = [bool(len(df)) and all(_looks_numeric(v) for v in df[c] if text(v)) for c in df.columns]
-    lines = ["| " + " | ".join(cell(c) for c in cols) + " |",
+    lines = ["| " + " | ".join(md_cell(c) for c in cols) + " |",
              "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+        lines.append("| " + " | ".join(md_cell(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -281,43 +293,55 @@ def build(df: pd.DataFrame, pool: bool = False, plot_dir: Path | None = None, st
     ``plot_dir`` when it is given."""
     parts = groups(df, pool)
     reports = []
-    for i, (label, rows) in enumerate(parts):
+    for label, rows in parts:
         r = GroupReport(label, rows, summarise(rows), picks_for(rows), provenance(rows))
         if plot_dir is not None:
-            suffix = "" if len(parts) == 1 else "-" + _slug(f"{values(rows, 'machine_id')}-{values(rows, 'run_id')}")
-            r.plots = write_plots(rows, plot_dir, f"{stem}{suffix}" if stem else suffix.lstrip("-"))
+            r.plots = write_plots(rows, plot_dir, _plot_stem(parts, rows, stem))
         reports.append(r)
     return reports
+
+
+def _plot_stem(parts, rows: pd.DataFrame, stem: str) -> str:
+    suffix = "" if len(parts) == 1 else "-" + _slug(f"{values(rows, 'machine_id')}-{values(rows, 'run_id')}")
+    return f"{stem}{suffix}" if stem else suffix.lstrip("-")
+
+
+def plot_paths(df: pd.DataFrame, plot_dir: Path, stem: str = "", pool: bool = False) -> list[Path]:
+    """The PNGs :func:`build` may write into ``plot_dir``, to check them before drawing."""
+    parts = groups(df, pool)
+    return [Path(plot_dir) / name for _, rows in parts for name in plot_names(_plot_stem(parts, rows, stem))]
 
 
 def render_markdown(tables, title: str = "Benchmark results", merged: list[str] | None = None,
                     base: Path | None = None) -> str:
     """Markdown of a report: ``tables`` is {device: table} or a list of GroupReport; plots are
     linked relative to ``base``, the Markdown file's folder."""
+    # Every piece of text from the data (names, folders, error messages) goes through md_text or
+    # md_cell; the command is in a code block, shown as it is, one code line per line.
     reports = tables if isinstance(tables, list) else [GroupReport("", pd.DataFrame(), tables, [], [])]
-    parts = [f"# {title}", ""]
+    parts = [f"# {md_text(title)}", ""]
     if merged and len(merged) > 1:
-        parts += ["Merged files:", ""] + [f"- {m}" for m in merged] + [""]
+        parts += ["Merged files:", ""] + [f"- {md_text(m)}" for m in merged] + [""]
     for r in reports:
         level = "##"
         if len(reports) > 1:
-            parts += [f"## {r.label}", ""]
+            parts += [f"## {md_text(r.label)}", ""]
             level = "###"
         for p in r.picks:
-            parts += [f"**Recommended on {p.device}: {p.name or 'n/a'}.** {p.text}", ""]
+            parts += [f"**Recommended on {md_text(p.device)}: {md_text(p.name or 'n/a')}.** {md_text(p.text)}", ""]
             if p.command:
-                parts += ["Reproduce with:", "", f"    {p.command}", ""]
+                parts += ["Reproduce with:", ""] + [f"    {line}" for line in p.command.splitlines()] + [""]
         for device, table in r.tables.items():
-            parts += [f"{level} {device}", "", f"*{table.attrs.get('header', device)}*", "",
+            parts += [f"{level} {md_text(device)}", "", f"*{md_text(table.attrs.get('header', device))}*", "",
                       pipe_table(formatted(table)), ""]
-            parts += [f"- {n}" for n in table.attrs.get("notes", [])]
+            parts += [f"- {md_text(n)}" for n in table.attrs.get("notes", [])]
             parts.append("")
         for plot in r.plots:
             link = os.path.relpath(plot, base) if base is not None else plot.name
-            parts += [f"![{plot.stem}]({Path(link).as_posix()})", ""]
+            parts += [f"![{md_text(plot.stem)}]({urllib.parse.quote(Path(link).as_posix())})", ""]
         if r.provenance:
             parts += [f"{level} Provenance", "", "| what | value |", "|---|---|"]
-            parts += [f"| {k} | {text(v).replace('|', '/')} |" for k, v in r.provenance]
+            parts += [f"| {md_cell(k)} | {md_cell(v)} |" for k, v in r.provenance]
             parts.append("")
     return "\n".join(parts)
 
@@ -325,7 +349,7 @@ def render_markdown(tables, title: str = "Benchmark results", merged: list[str] 
 def _write(target: Path, content: str, flag: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(content, encoding="utf-8")
+        atomic_write(target, content)
     except OSError as exc:
         raise OutputError(f"{flag} {target}: cannot write ({exc.strerror or exc})") from None
     return target
@@ -362,15 +386,18 @@ def write_reports(paths: list[Path], markdown: Path | None = None, html: Path | 
 def cmd_report(args) -> int:
     paths = [Path(p) for p in (args.csv or [DEFAULT_CSV])]
     df = load(paths)
-    print(render_console_report(build(df, args.pool), df.attrs.get("merged", [])))
-    for flag, target in (("--markdown", args.markdown), ("--html", args.html)):
-        if target and any(Path(target).exists() and Path(target).resolve() == p.resolve() for p in paths):
-            raise OutputError(f"{flag} {target}: is one of the CSVs being reported; pass another file name "
-                              "(nothing is overwritten)")
-    plot_dir = paths[0].parent if args.plot else None
-    written = write_reports(paths, markdown=Path(args.markdown) if args.markdown else None,
-                            html=Path(args.html) if args.html else None, plot_dir=plot_dir,
-                            stem=paths[0].stem, pool=args.pool)
+    # Every output is checked before anything is drawn or written: none may exist (unless
+    # --overwrite), be one of the CSVs read, a run's files, or another of these outputs.
+    with Outputs(args.overwrite, inputs=paths, what_inputs="one of the CSVs being reported") as outputs:
+        markdown = outputs.file(args.markdown, "--markdown") if args.markdown else None
+        html = outputs.file(args.html, "--html") if args.html else None
+        plot_dir = paths[0].parent if args.plot else None
+        if plot_dir is not None:
+            for png in plot_paths(df, plot_dir, paths[0].stem, args.pool):
+                outputs.file(png, "--plot", fix="move it away")
+        print(render_console_report(build(df, args.pool), df.attrs.get("merged", [])))
+        written = write_reports(paths, markdown=markdown, html=html, plot_dir=plot_dir, stem=paths[0].stem,
+                                pool=args.pool)
     if written:
         print("\nwritten: " + ", ".join(str(p) for p in written))
     elif args.plot:
@@ -387,6 +414,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="PATH", help="also write one self-contained HTML report (plots embedded, "
                                                   "opens offline) to PATH")
     p.add_argument("--plot", action="store_true", help="also write PNG charts beside the first CSV")
+    add_overwrite_flag(p, " (--markdown, --html, --plot's PNGs)")
     p.add_argument("--pool", action="store_true", help="treat rows of different machines and runs as repeats of "
                                                        "one another (default: a report per machine and run)")
     p.set_defaults(func=cmd_report)

@@ -13,6 +13,7 @@ from typing import Iterable
 import pandas as pd
 
 from flowers_fast.errors import DataError, invoked
+from flowers_fast.outputs import spreadsheet_text
 
 from .configs import CONFIGS
 
@@ -98,6 +99,8 @@ def _read_one(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV ({first})") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    # bench run neutralised text a spreadsheet would run as a formula (flowers_fast.outputs): undone here.
+    df = df.map(spreadsheet_text)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise DataError(f"{path}: not a bench results CSV (missing column{'s' if len(missing) > 1 else ''} "

@@ -45,6 +45,7 @@ from flowers_fast.errors import (
     UserError,
     invoked,
 )
+from flowers_fast.outputs import Outputs, atomic_open, atomic_write, spreadsheet_safe, spreadsheet_text
 
 from . import configs as configs_mod
 from . import machine
@@ -146,7 +147,7 @@ def read_rows(path: Path) -> tuple[list[dict], bool]:
         if len(values) != len(header):
             raise DataError(f"{path}: line {number} has {len(values)} fields, the header {len(header)}; not a CSV "
                             "that bench run wrote (edited?)")
-        row = dict(zip(header, values))
+        row = dict(zip(header, map(spreadsheet_text, values)))
         if not row["repeat"].strip().isdigit():
             raise DataError(f"{path}: line {number}: repeat {row['repeat']!r} is not a whole number 0, 1, ...")
         if row["status"] not in STATUSES:
@@ -158,45 +159,41 @@ def read_rows(path: Path) -> tuple[list[dict], bool]:
 
 
 def _atomic_csv(frame: pd.DataFrame, target: Path) -> None:
-    tmp = None
+    # Text a spreadsheet would run as a formula (an error message, a folder name) is neutralised;
+    # read_rows and bench.results undo it.
+    safe = frame.map(spreadsheet_safe)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w", newline="") as f:
-            frame.to_csv(f, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        with atomic_open(target, "w", newline="", encoding="utf-8") as f:
+            safe.to_csv(f, index=False)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write results ({exc.strerror or exc}); free disk space or pass "
                           "another --out") from None
-    finally:  # also on Ctrl-C or SIGTERM mid-write: no temporary file is left behind
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_text(target: Path, text: str, flag: str = "--out") -> None:
     """Write ``text`` to ``target`` whole or not at all (a full disk leaves no empty file behind)."""
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        atomic_write(target, text)
     except OSError as exc:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); free disk space or pass another "
                           f"{flag}") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+
+
+def run_files(out: Path, run_id: str) -> list[Path]:
+    """Every file a run writes beside its CSV: the CSV, its JSON, the report and the plots."""
+    from .plots import plot_names
+
+    stem = f"run-{run_id}"
+    return [out / f"{stem}{ext}" for ext in (".csv", ".json", ".md", ".html")] + \
+        [out / name for name in plot_names(stem)]
 
 
 def new_run_path(out: Path) -> tuple[str, Path]:
-    """A fresh timestamped file name: a second run never overwrites the first."""
+    """A fresh timestamped file name: a second run never overwrites the first (nor any file that
+    has the name of one of its outputs)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_id, k = stamp, 1
-    while (out / f"run-{run_id}.csv").exists() or (out / f"run-{run_id}.json").exists():
+    while any(p.exists() or p.is_symlink() for p in run_files(out, run_id)):
         k += 1
         run_id = f"{stamp}-{k}"
     return run_id, out / f"run-{run_id}.csv"
@@ -382,12 +379,14 @@ def execute(args) -> int:
     if member and not member.is_chief and not args.resume:
         out = out / member.folder
     devices, skipped = plan(args)
-    check_out_dir(out)
-    cache = cache_dir()
-    if meta is None:
-        run_id, path = new_run_path(out)
-        meta = out / f"run-{run_id}.json"
-        atomic_text(meta, json.dumps(_sweep_args(args), indent=1))
+    with Outputs() as outputs:  # a folder made for --out goes again if the run fails before writing to it
+        outputs.mkdirs(out, "--out")
+        check_out_dir(out)
+        cache = cache_dir()
+        if meta is None:
+            run_id, path = new_run_path(out)
+            meta = out / f"run-{run_id}.json"
+            atomic_text(meta, json.dumps(_sweep_args(args), indent=1))
     args.run_csv = path  # for sweep(), which returns it (saved settings were written above, without it)
     with run_lock(meta):
         return _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, member)

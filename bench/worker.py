@@ -11,18 +11,16 @@ sweep's machine fingerprint, under which per-machine measurements are cached).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
 
 from flowers_fast.errors import INTERRUPTED_EXIT_CODE, UnsupportedError, UserError
+from flowers_fast.outputs import atomic_write
 
 
 def _write(out: Path, row: dict) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, default=str))
-    os.replace(tmp, out)  # the sweep never reads half a result
+    atomic_write(out, json.dumps(row, default=str))  # the sweep never reads half a result
 
 
 def hardware_row(cfg, backbone_layer, row: dict, measured=None) -> dict:

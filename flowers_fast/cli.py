@@ -13,6 +13,7 @@ from pathlib import Path
 from .clikit import OneLineParser, add_knob_flags, given_knobs, knob_type, run_main
 from .config import TRAIN, RunConfig
 from .errors import OutputError, UserError, invoked
+from .outputs import OVERWRITE_HELP, Outputs, atomic_write, temp_dir
 
 
 def cache_path(args) -> Path:
@@ -27,43 +28,11 @@ def add_cache_flag(parser: argparse.ArgumentParser) -> None:
                              "default ~/.cache/flowers_fast)")
 
 
-def check_output_folder(path: Path, flag: str) -> None:
-    """Fail in a second, not after training: ``path`` must be a folder we can create and write."""
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {path}: is a file, not a folder; pass a folder you can write to")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()
-    except OSError as exc:
-        raise OutputError(f"{flag} {path}: not writable ({exc.strerror or exc}); pass a folder you can write to") \
-            from None
-
-
-def check_new_folder(path: Path, flag: str) -> None:
-    """``path`` is written whole at the end (into a temporary sibling, then renamed): it must not
-    hold anything yet, and its parent must take new files. Nothing the user has is overwritten."""
-    if path.is_symlink() or path.exists():
-        if not path.is_dir():
-            raise OutputError(f"{flag} {path}: already exists as a file; pass a new folder")
-        if any(path.iterdir()):
-            raise OutputError(f"{flag} {path}: already exists and is not empty; pass a new folder (nothing is "
-                              "overwritten)")
-    parent = path.parent
-    try:
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(20, f"{parent} is a file")
-        parent.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-").close()
-    except OSError as exc:
-        raise OutputError(f"{flag} {path}: cannot be created ({exc.strerror or exc}); pass a folder you can write "
-                          "to") from None
-
-
 def write_folder(path: Path, flag: str, write) -> None:
     """``write(tmp)`` fills a temporary folder beside ``path``, which then becomes ``path`` in one
     rename: a failed or killed write leaves nothing half-written at ``path``."""
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        tmp = temp_dir(path.parent, f".{path.name}.")
     except OSError as exc:
         raise OutputError(f"{flag} {path}: cannot write ({exc.strerror or exc}); pass a folder you can write to") \
             from None
@@ -94,24 +63,25 @@ def cmd_train(args) -> int:
     if cfg.pipeline == "modelonly" and (args.save or args.figures):
         raise UserError(f"--{'save' if args.save else 'figures'} needs a pipeline that trains on images; "
                         "--pipeline modelonly only times train steps on random tensors")
-    # Every output is checked before the (long) training starts.
+    # Every output is checked before the (long) training starts; folders made for them go again
+    # if the run fails.
+    with Outputs(args.overwrite) as outputs:
+        return _train(args, cfg, outputs)
+
+
+def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
     cache = cache_path(args)
-    save = Path(args.save).expanduser() if args.save else None
+    save = outputs.new_folder(args.save, "--save") if args.save else None
     fig_dir = Path(args.figures).expanduser() if args.figures else None
-    if save:
-        check_new_folder(save, "--save")
     if fig_dir:
         if save and fig_dir.resolve() == save.resolve():
             raise UserError("--figures and --save name the same folder; --save needs a folder of its own")
-        check_output_folder(fig_dir, "--figures")
+        outputs.folder(fig_dir, "--figures")
         from .figures import figure_names
 
-        taken = [name for name in figure_names(cfg.pipeline) if (fig_dir / name).exists()]
-        if taken:
-            raise OutputError(f"--figures {fig_dir}: already holds {taken[0]}; pass another folder (nothing is "
-                              "overwritten)")
-    if args.json:
-        check_output_folder(Path(args.json).expanduser().parent, "--json")
+        for name in figure_names(cfg.pipeline):
+            outputs.file(fig_dir / name, "--figures", fix="pass another folder")
+    json_path = outputs.file(args.json, "--json") if args.json else None
     from . import runtime
 
     runtime.setup(cfg)
@@ -121,8 +91,12 @@ def cmd_train(args) -> int:
     member = cluster.current() if cfg.strategy == "multiworker" else None
     helper = member is not None and not member.is_chief  # in a cluster, the chief alone writes the model
     row = {**cfg.to_dict(), **result.row}
-    if args.json:
-        Path(args.json).write_text(json.dumps(row, default=str))
+    if json_path:
+        try:
+            atomic_write(json_path, json.dumps(row, default=str))
+        except OSError as exc:
+            raise OutputError(f"--json {json_path}: cannot write ({exc.strerror or exc}); free disk space or pass "
+                              "another file") from None
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
@@ -155,11 +129,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    out = Path(args.out).expanduser()
-    check_new_folder(out, "export-model")
-    from .hubexport import export_random_mobilenet
+    with Outputs() as outputs:
+        out = outputs.new_folder(args.out, "export-model")
+        from .hubexport import export_random_mobilenet
 
-    path = export_random_mobilenet(out, seed=args.seed, image_size=args.image_size)
+        path = export_random_mobilenet(out, seed=args.seed, image_size=args.image_size)
     print(f"exported a randomly initialised MobileNetV2 (Hub feature_vector format) to {path}")
     return 0
 
@@ -178,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--figures", metavar="DIR", help="write a confusion matrix (CSV, PNG) and a grid of test "
                                                     "images with true and predicted labels")
     g.add_argument("--json", metavar="PATH", help="also write the result row (every CSV column) to PATH as JSON")
+    g.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (--json, the --figures files; a "
+                                                                              "--save folder is never replaced)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 

@@ -12,6 +12,7 @@ import numpy as np
 from . import synthetic
 from .config import RunConfig
 from .errors import DataError, OfflineError
+from .outputs import temp_dir
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 EXIF_ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rotating the pixels
@@ -173,7 +174,6 @@ def _tfds_folder(cache: Path) -> Path:
     import os
     import shutil
     import socket
-    import tempfile
 
     import tensorflow_datasets as tfds
 
@@ -191,7 +191,7 @@ def _tfds_folder(cache: Path) -> Path:
         raise OfflineError(f"--dataset tfds: could not load tf_flowers ({type(exc).__name__}); offline, use "
                            "--data-dir PATH with a local flower_photos folder or --dataset synthetic") from None
     names = info.features["label"].names
-    tmp = Path(tempfile.mkdtemp(prefix="tfds_flowers.", dir=cache))
+    tmp = temp_dir(cache, "tfds_flowers.")
     try:
         for name in names:
             (tmp / name).mkdir()

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from .errors import DownloadError, OfflineError, OutputError
+from .outputs import temp_dir
 
 try:  # POSIX only; elsewhere concurrent fetches are simply not guarded.
     import fcntl
@@ -289,7 +290,7 @@ def _extract(archive: Path, cache: Path, name: str, sha256: str | None) -> None:
     """Extract ``archive`` and move its ``name`` folder to ``cache/name`` in one rename."""
     for stale in cache.glob(f".{name}.extract-*"):  # left by a killed run; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=cache))
+    tmp = temp_dir(cache, f".{name}.extract-")
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:

@@ -90,9 +90,32 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Characters that move the cursor, end a line or reorder what follows (bidirectional controls).
+_BIDI = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text) -> str:
+    """``text`` for a terminal, as ``repr`` shows it but without quotes: control characters
+    (newline, CR, escape sequences, bidirectional overrides) escaped, so that a file name cannot
+    fake output lines; a byte that was not UTF-8 (``os.fsdecode``'s surrogate) shows as ``\\xNN``."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or 0x7F <= code < 0xA0 or ch in _BIDI or ch in "\u2028\u2029" or 0xD800 <= code < 0xE000:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def one_line(message: str) -> str:
     """``message`` on one line: a file name may hold a newline, which must not split the error."""
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+    return printable(message)
 
 
 # python -m <module>  <->  the console script pyproject installs for it

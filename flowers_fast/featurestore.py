@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from .config import RunConfig
 from .errors import OutputError
+from .outputs import atomic_open, atomic_write
 
 FORMAT = 1  # bump when the decoding or the stored layout changes
 
@@ -88,18 +88,13 @@ def save(cache: Path, digest: str, parts: dict, files, features: np.ndarray, pre
     """Store ``features`` (rows aligned with ``files``; computed in ``precision``, ``cosine`` from
     TensorFlow float32's) atomically, with the key's parts beside them."""
     p = path(cache, digest)
-    tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=p.stem + ".", suffix=".npz", dir=p.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(p, "wb") as f:
             np.savez(f, files=np.asarray(list(files), dtype=str), features=features, precision=np.asarray(precision),
                      cosine=np.asarray(cosine))
-        os.replace(tmp, p)
-        p.with_suffix(".json").write_text(json.dumps(parts, indent=1, sort_keys=True))
+        atomic_write(p.with_suffix(".json"), json.dumps(parts, indent=1, sort_keys=True))
     except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
         raise OutputError(f"--reuse-features: cannot write {p} ({exc.strerror or exc}); free disk space or pass "
                           "another --cache-dir") from None
     return p

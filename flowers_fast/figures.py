@@ -17,14 +17,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import OutputError
+from .outputs import atomic_open, spreadsheet_safe
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
-    """Render ``fig`` with the Agg canvas (no pyplot state) to ``path``; a write failure is one line."""
+    """Render ``fig`` with the Agg canvas (no pyplot state) to ``path``, whole or not at all (a
+    symlink there is replaced, not written through); a write failure is one line."""
     FigureCanvasAgg(fig)
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write figure ({exc.strerror or exc})") from None
     return path
@@ -80,9 +84,12 @@ def confusion_matrix(y_true, y_pred, classes: Sequence[str], out_dir: str | Path
     table = confusion_table(y_true, y_pred, classes)
     out_dir = Path(out_dir)
     csv_path = out_dir / f"{stem}-confusion.csv"
+    # Class names are folder names: one starting with = + - @ would be a formula in a spreadsheet.
+    safe = table.rename(index=spreadsheet_safe, columns=spreadsheet_safe)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv_path)
+        with atomic_open(csv_path, "w", newline="", encoding="utf-8") as f:
+            safe.to_csv(f)
     except OSError as exc:
         raise OutputError(f"{csv_path}: cannot write ({exc.strerror or exc})") from None
     png_path = save_figure(confusion_figure(table, stem), out_dir / f"{stem}-confusion.png")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from . import mobilenet
 from .errors import OutputError
+from .outputs import temp_dir
 from .tfkeras import keras, tf
 
 EXPORT_VERSION = 2  # feature vector
@@ -59,7 +59,7 @@ def export_random(path: str | Path, build, note: str, seed: int, image_size: int
     module = _hub_module(model, image_size)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+        tmp = temp_dir(path.parent, path.name + ".")
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the model here ({exc.strerror or exc}); pass a folder you can "
                           "write to") from None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .clikit import add_knob_flags, given_knobs, positive_int
 from .config import HUB_CLASSIFIER, PREDICT, knobs
-from .errors import DataError, ModelError, UserError
+from .errors import DataError, ModelError, UserError, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -278,9 +278,10 @@ def cmd_predict(args) -> int:
     result = predict(args.images, checkpoint=args.checkpoint, model_handle=args.model_handle,
                      cache=None if args.checkpoint else args.cache_dir, **settings)
     k = min(args.top, len(result.labels))
-    print(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax probabilities")
+    print(printable(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax "
+                    "probabilities"))
     for path, p in zip(result.images, result.probs):
-        print(path)
+        print(printable(path))  # a newline in a file name must not fake a result line
         for index, prob in top_k(p, k):
-            print(f"  {prob:.4g}  {result.labels[index]}")
+            print(f"  {prob:.4g}  {printable(result.labels[index])}")
     return 0

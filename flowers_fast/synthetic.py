@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .errors import OutputError
+from .outputs import temp_dir
 
 CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
 # The real set's frames: mostly 320x240 .. 500x375, landscape and portrait.
@@ -84,7 +84,7 @@ def generate(root: Path, num_images: int, seed: int) -> Path:
 
 def _generate(root: Path, num_images: int, seed: int) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    tmp = temp_dir(root.parent, root.name + ".")
     try:
         for name in CLASSES:
             (tmp / name).mkdir()

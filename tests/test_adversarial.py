@@ -11,8 +11,11 @@ cameras and phones write) give every pipeline the same pixels.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +156,10 @@ def _write(rel: str, content: str | bytes = "x"):
     return step
 
 
+def _symlink(rel: str, target: str):
+    return lambda ws, mp: (ws / rel).symlink_to(target)
+
+
 def _mkdir(rel: str):
     return lambda ws, mp: (ws / rel).mkdir(parents=True, exist_ok=True)
 
@@ -215,6 +222,7 @@ def _no_tf_config(ws, mp):
 T = ("train", "--image-size", str(SIZE), "--epochs", "1", "--quiet", "--model-handle", "{model}")
 TD = T + ("--data-dir",)  # + a folder
 RESULTS = "{ws}/results/run-20260101-000000.csv"
+EARLIER = "results/run-20260101-000000.csv"  # the same, relative to the workspace (the current folder)
 
 CASES = [
     # --- flags: every number finite and in range, text not empty, combinations that mean nothing
@@ -383,6 +391,44 @@ CASES = [
          setup=_split_part_undecodable("d")),
     Case("strict-newline-in-file-name", TD + ("{ws}/d", "--strict"), 3, "bad\\nname.jpg",
          setup=_split_part_undecodable("d", name="bad\nname.jpg")),
+
+    # --- issue 19: outputs (an output that exists is refused unless --overwrite; never an input,
+    # a run's files or two outputs at one path, even with --overwrite; checked before any work)
+    Case("report-html-over-a-file", ("report", RESULTS, "--html", "{ws}/notes.txt"), 8, "--html {ws}/notes.txt",
+         "--overwrite", setup=_write("notes.txt", "my notes\n"), tool="bench"),
+    Case("report-html-through-a-symlink", ("report", RESULTS, "--html", "{ws}/link.html"), 8, "--html",
+         "(a symlink)", setup=_symlink("link.html", "afile"), tool="bench"),
+    Case("report-html-dangling-symlink", ("report", RESULTS, "--html", "{ws}/link.html"), 8, "--html",
+         "already exists", setup=_symlink("link.html", "nowhere.html"), tool="bench"),
+    Case("report-markdown-over-a-file", ("report", RESULTS, "--markdown", "{ws}/notes.txt"), 8, "--markdown",
+         "--overwrite", setup=_write("notes.txt", "my notes\n"), tool="bench"),
+    Case("report-html-another-runs-csv", ("report", RESULTS, "--html", "{ws}/r/run-1.csv", "--overwrite"), 8,
+         "--html {ws}/r/run-1.csv", "results file", setup=_run("r"), tool="bench"),
+    Case("report-html-a-runs-json", ("report", RESULTS, "--html", "{ws}/results/run-20260101-000000.json",
+                                     "--overwrite"), 8, "--html", "even with --overwrite", tool="bench"),
+    Case("report-html-a-started-runs-json", ("report", RESULTS, "--html", "{ws}/s/run-9.json", "--overwrite"), 8,
+         "--html", "results file", setup=_write("s/run-9.json", json.dumps(RUN_JSON)), tool="bench"),
+    Case("report-html-latest-csv", ("report", RESULTS, "--html", "{ws}/results/latest.csv", "--overwrite"), 8,
+         "--html", "results file", tool="bench"),
+    Case("report-html-its-csv-with-overwrite", ("report", RESULTS, "--html", RESULTS, "--overwrite"), 8, "--html",
+         "one of the CSVs being reported", tool="bench"),
+    Case("report-html-and-markdown-one-file", ("report", RESULTS, "--markdown", "{ws}/r.out", "--html",
+                                               "{ws}/r.out"), 2, "--html {ws}/r.out", "--markdown", tool="bench"),
+    Case("report-plot-over-pngs", ("report", RESULTS, "--plot"), 8, "--plot", "run-20260101-000000-time.png",
+         setup=_write("results/run-20260101-000000-time.png", b"\x89PNG my chart"), tool="bench"),
+    Case("train-json-over-a-file", ("train", "--json", "{ws}/afile"), 8, "--json {ws}/afile", "--overwrite"),
+    Case("train-json-dangling-symlink", ("train", "--json", "{ws}/link.json"), 8, "--json", "(a symlink)",
+         setup=_symlink("link.json", "nowhere.json")),
+    Case("train-json-a-runs-csv-with-overwrite", ("train", "--json", RESULTS, "--overwrite"), 8, "--json",
+         "results file"),
+    Case("train-json-a-figure", ("train", "--figures", "{ws}/f2", "--json", "{ws}/f2/tfdata-confusion.png"), 2,
+         "--json", "--figures"),
+    Case("train-json-inside-save", ("train", "--save", "{ws}/m3", "--json", "{ws}/m3/row.json"), 2, "--json",
+         "--save"),
+    Case("train-figures-over-figures-symlink", ("train", "--figures", "{ws}/f3"), 8, "--figures",
+         "tfdata-predictions.png", setup=_fs(_mkdir("f3"), _symlink("f3/tfdata-predictions.png", "../afile"))),
+    Case("loopback-logs-over-logs", ("loopback", "--logs", "{ws}/lg"), 8, "--logs", "worker0.json",
+         setup=_write("lg/worker0.json", "{}"), tool="bench"),
 ]
 assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
@@ -601,3 +647,196 @@ def test_odd_image_files_give_every_pipeline_the_same_pixels(decoded, name):
     assert np.abs(predicted.astype(np.int16) - tfdata.astype(np.int16)).mean() < 1.0  # predict = tf.data
     # The reduced DCT decode differs by design, but never by orientation.
     assert np.abs(naive.astype(np.int16) - dct.astype(np.int16)).mean() < 6.0, name
+
+
+# --- issue 19: outputs (overwrite, escaping, file modes, leftovers) -----------------------------
+
+def test_overwrite_replaces_an_output_and_a_symlink_itself_never_its_target(ws, capsys):
+    notes = ws / "notes.txt"
+    notes.write_text("my notes\n")
+    (ws / "link.md").symlink_to("afile")
+    before = (ws / "afile").read_bytes()
+    code, out, err = invoke("bench", ["report", EARLIER, "--html", str(notes), "--markdown", str(ws / "link.md"),
+                                      "--overwrite"], capsys)
+    assert code == 0, err
+    assert notes.read_text().lstrip().lower().startswith("<!doctype html")
+    assert not (ws / "link.md").is_symlink() and (ws / "link.md").read_text().startswith("# ")
+    assert (ws / "afile").read_bytes() == before  # the file the link pointed at is untouched
+
+
+def test_report_plot_refuses_existing_pngs_and_overwrite_redraws_them(ws, capsys):
+    png = ws / "results" / "run-20260101-000000-accuracy.png"
+    png.write_bytes(b"my chart")
+    code, _, err = invoke("bench", ["report", EARLIER, "--plot"], capsys)
+    assert code == 8 and "--plot" in err and png.read_bytes() == b"my chart"
+    assert sorted(p.name for p in png.parent.glob("*.png")) == [png.name]  # nothing drawn before the check
+    code, _, err = invoke("bench", ["report", EARLIER, "--plot", "--overwrite"], capsys)
+    assert code == 0, err
+    assert png.read_bytes().startswith(b"\x89PNG") and len(list(png.parent.glob("*.png"))) == 3
+
+
+def _user_text_run(root: Path) -> Path:
+    """A run whose folder name and error text carry HTML, a pipe, a newline and a formula."""
+    header = HEADER.rstrip("\n") + ",data_dir\n"
+    ok = ROW_OK.rstrip("\n") + ",<script>alert(1)</script>|d\n"
+    failed = ('A,smoke,tfdata,cpu,0,error,"<img src=x onerror=alert(1)> | =HYPERLINK(""http://x"")\n'
+              '## injected heading",tfdata,,,,,,<script>alert(2)</script>\n')
+    return run_files(root, header + ok + failed)
+
+
+def test_markdown_report_escapes_user_text(tmp_path, capsys):
+    csv_path = _user_text_run(tmp_path / "r")
+    md, html = tmp_path / "report.md", tmp_path / "report.html"
+    code, _, err = invoke("bench", ["report", str(csv_path), "--markdown", str(md), "--html", str(html)], capsys)
+    assert code == 0, err
+    for path in (md, html):
+        # A Markdown code block (the reproducing command, indented) shows its text as it is.
+        shown = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("    "))
+        assert "<script>alert" not in shown and "<img src=x" not in shown, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown, path
+    lines = md.read_text().splitlines()
+    assert not any(line.startswith("## injected") for line in lines)  # a newline starts no block of its own
+    # A cell's | is escaped: every row of a pipe table has as many cells as its header.
+    table = [line for line in lines if line.startswith("| what |") or line.startswith("| data |")]
+    assert len(table) == 2 and len({len(re.split(r"(?<!\\)\|", line)) for line in table}) == 1, table
+
+
+def test_results_csv_neutralises_formulas_and_reads_them_back(tmp_path):
+    from bench.results import load
+    from flowers_fast.outputs import spreadsheet_safe, spreadsheet_text
+
+    path = tmp_path / "run-1.csv"
+    texts = {"error": '=HYPERLINK("http://evil","click")', "data_dir": "@SUM(1)", "handle": "+cmd|' /C calc'!A0",
+             "dataset": "-2+3", "skipped_list": "\tx", "name": "naive"}
+    results = bench_run.ResultsFile(path, tmp_path / "latest.csv")
+    results.add({"run_id": "A", "device": "cpu", "repeat": 0, "status": "ok", "test_accuracy": 0.5,
+                 "total_s": -1.5, **texts})
+    raw = path.read_text()
+    cells = [c for row in csv.reader(io.StringIO(raw)) for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t") or (c[:1] == "-" and c != "-1.5")], cells
+    assert "'=HYPERLINK" in raw and "-1.5" in raw  # a number stays a number
+    rows, _ = bench_run.read_rows(path)  # what --resume reads: the text as the row had it
+    assert {k: rows[0][k] for k in texts} == texts
+    bench_run.ResultsFile(path, None).add({**rows[0], "repeat": 1})  # resumed: the first row is unchanged
+    assert path.read_text().splitlines()[1] == raw.splitlines()[1]
+    df = load([path])  # what bench report reads
+    assert df.loc[0, "error"] == texts["error"] and df.loc[0, "data_dir"] == texts["data_dir"]
+    for value in ["=1", "'=1", "''@x", "'plain", "-x", "-1e5", "nan", "", "a=b"]:
+        assert spreadsheet_text(spreadsheet_safe(value)) == value
+
+
+def test_confusion_csv_neutralises_class_names(tmp_path):
+    from flowers_fast import figures
+    from flowers_fast.outputs import spreadsheet_text
+
+    classes = ["=SUM(A1:A9)", "+cmd", "-x", "@at", "\tt", "roses"]
+    csv_path, _ = figures.confusion_matrix([0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 5, 5], classes, tmp_path, "tfdata")
+    cells = [c for row in csv.reader(io.StringIO(csv_path.read_text())) for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t")], cells
+    table = pd.read_csv(csv_path, index_col=0, keep_default_na=False)
+    assert [spreadsheet_text(c) for c in table.columns] == classes
+    assert [spreadsheet_text(c) for c in table.index] == classes
+
+
+def test_formula_class_names_round_trip_through_save_and_predict(tmp_path, small_model, capsys):
+    """classes.txt keeps the names as they are (predict reads it back, it is no spreadsheet); the
+    confusion CSV neutralises them; predict prints them as trained."""
+    classes = ("=HYPERLINK(x)", "@SUM(1)", "-roses")
+    data_dir = folder(tmp_path / "d", classes=classes, per_class=5)
+    model, figs = tmp_path / "model", tmp_path / "figs"
+    code, _, err = invoke("ff", ["train", "--data-dir", str(data_dir), "--image-size", str(SIZE), "--epochs", "1",
+                                 "--quiet", "--model-handle", str(small_model), "--save", str(model),
+                                 "--figures", str(figs)], capsys)
+    assert code == 0, err
+    assert (model / "classes.txt").read_text().splitlines() == sorted(classes)
+    assert "'=HYPERLINK(x)" in (figs / "tfdata-confusion.csv").read_text()
+    image = next((data_dir / "@SUM(1)").iterdir())
+    code, out, err = invoke("ff", ["predict", str(image), "--checkpoint", str(model)], capsys)
+    assert code == 0, err
+    assert sorted(line.split(maxsplit=1)[1] for line in out.splitlines() if line.startswith("  ")) == sorted(classes)
+
+
+def test_predict_prints_control_characters_in_names_escaped(monkeypatch, capsys):
+    from flowers_fast import predict
+
+    name = "a.jpg\n  1  roses\n\x1b[2Kb.jpg"
+    monkeypatch.setattr(predict, "predict", lambda images, **kw: predict.Predictions(
+        list(images), np.array([[0.75, 0.25]]), ["daisy", "ro\rses"], "m", "tf", "fp32"))
+    code, out, _ = invoke("ff", ["predict", name, "--top", "2"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[1:] == ["a.jpg\\n  1  roses\\n\\x1b[2Kb.jpg", "  0.75  daisy", "  0.25  ro\\rses"], lines
+
+
+@pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_results_files_get_the_mode_the_umask_gives(tmp_path, cache, monkeypatch, mask, mode):
+    """mkstemp's 0600 must not survive the atomic rename: a shared results folder stays readable."""
+    from bench import machine
+    from flowers_fast import featurestore, figures
+
+    row = {"status": "ok", "pipeline": "naive", "test_accuracy": 0.9, "total_s": 10.0, "steady_epoch_s": 1.5,
+           "train_img_s": 30.0, "peak_rss_mb": 900.0, "data_prep_s": 1.0, "first_epoch_s": 2.0, "error": ""}
+    monkeypatch.setattr(bench_run, "run_one", lambda *a, **k: dict(row))
+    old = os.umask(mask)
+    try:
+        result = bench_run.sweep(["naive"], preset="smoke", out=tmp_path / "res", quiet=True)
+        written = [result.csv, result.csv.with_suffix(".json"), result.csv.with_suffix(".md"),
+                   result.csv.with_suffix(".html"), tmp_path / "res" / "latest.csv"]
+        written += [result.plot(kind) for kind in ("time", "accuracy", "stages")]
+        written += figures.confusion_matrix([0, 1], [0, 1], ["a", "b"], tmp_path / "f", "x")
+        written.append(featurestore.save(tmp_path / "c", "k", {"a": 1}, ["f.jpg"], np.zeros((1, 2)), "fp32"))
+        measured = machine.Measured(tmp_path / "c", "m", "2")
+        measured.get("peak", lambda: 1.0)
+        written.append(measured.path)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    modes = {p.name: oct(os.stat(p).st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {oct(mode)}, modes
+
+
+def test_a_save_folder_gets_the_mode_the_umask_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ff_cli.write_folder(tmp_path / "model", "--save", lambda tmp: (tmp / "x").write_text("x"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "model").st_mode & 0o777 == 0o755
+
+
+def test_a_failed_train_removes_the_folders_it_made_and_keeps_the_users(ws, capsys, monkeypatch):
+    from flowers_fast.errors import DataError
+
+    def fails(*args, **kwargs):
+        raise DataError("d: every image failed to decode")
+
+    monkeypatch.setattr(train, "run", fails)
+    code, _, err = invoke("ff", ["train", "--figures", str(ws / "new" / "figs"), "--json", str(ws / "out" / "r.json"),
+                                 "--save", str(ws / "saved" / "m")], capsys)
+    assert code == 3, err
+    assert not (ws / "new").exists() and not (ws / "out").exists() and not (ws / "saved").exists()
+    code, _, err = invoke("ff", ["train", "--figures", str(ws / "emptydir")], capsys)
+    assert code == 3 and (ws / "emptydir").is_dir()  # the user's folder stays
+
+
+def test_a_new_run_never_takes_the_name_of_a_file_already_there(tmp_path, monkeypatch):
+    class Frozen(bench_run.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 1, 0, 0, 0)
+
+    monkeypatch.setattr(bench_run, "datetime", Frozen)
+    (tmp_path / "run-20260101-000000.md").write_text("my notes")
+    (tmp_path / "run-20260101-000000-2-time.png").symlink_to("nowhere")
+    run_id, path = bench_run.new_run_path(tmp_path)
+    assert run_id == "20260101-000000-3" and path.name == "run-20260101-000000-3.csv"
+
+
+def test_a_refused_output_leaves_no_folder_made_for_another(ws, capsys, monkeypatch):
+    (ws / "notes.txt").write_text("my notes\n")
+    code, _, err = invoke("bench", ["report", EARLIER, "--markdown", str(ws / "new" / "sub" / "r.md"), "--html",
+                                    str(ws / "notes.txt")], capsys)
+    assert code == 8 and "--html" in err and not (ws / "new").exists()
+    monkeypatch.setenv("FLOWERS_FAST_CACHE", str(ws / "afile"))  # fails after --out was made
+    code, _, err = invoke("bench", ["run", "--configs", "naive", "--out", str(ws / "newout" / "r")], capsys)
+    assert code == 8 and "FLOWERS_FAST_CACHE" in err and not (ws / "newout").exists()
