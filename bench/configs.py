@@ -72,10 +72,10 @@ PRESETS = {
     # against tfdata's 10.4 s here), and XLA on this kind of CPU costs 30 s of compilation to run
     # MobileNetV2 about 20x slower.
     "quick": Preset("the default: 400 synthetic images with the real set's sizes, 224 px, 5 epochs like the "
-                    "notebook, 2 repeats; under 15 minutes on 2 CPU cores",
+                    "notebook, 3 repeats; under 10 minutes on 2 CPU cores",
                     ("naive", "tutorial", "tfdata", "featcache", "featcache-onednn", "featcache-ov",
                      "featcache-ov-bf16"),
-                    dict(dataset="synthetic", num_images=400, image_size=224, epochs=5), repeats=2,
+                    dict(dataset="synthetic", num_images=400, image_size=224, epochs=5), repeats=3,
                     timeout_s=900, probe_repeats=1, breakdown_once=True),
     "full": Preset("real flower_photos (3670 images) and the TF Hub model, every configuration, 3 repeats",
                    tuple(CONFIGS), dict(dataset="flowers", image_size=224, epochs=5, model_handle="hub"),
