@@ -131,7 +131,7 @@ def command_for(row: pd.Series, device: str) -> str:
         value = _text_of(row, col)
         if value:
             parts += [flag, str(int(float(value)))]
-    if dataset == "synthetic":
+    if dataset == "synthetic" and not data_dir:  # it sizes the synthetic set only
         value = _text_of(row, "num_images")
         if value:
             parts += ["--num-images", str(int(float(value)))]

@@ -145,8 +145,8 @@ def data_images(df: pd.DataFrame) -> pd.Series:
                                                                                               index=df.index)
     older = column("train_images") + column("test_images") + column("skipped_files").fillna(0)
     count = column("data_files").fillna(older)
-    no_data = df["dataset"].map(text) == "in-memory" if "dataset" in df.columns else False
-    return count.where(~no_data).map(lambda v: "" if pd.isna(v) else str(int(v)))
+    dataset = df["dataset"].map(text) if "dataset" in df.columns else pd.Series("", index=df.index)
+    return count.where(dataset != "in-memory").map(lambda v: "" if pd.isna(v) else str(int(v)))
 
 
 def data_key(row) -> tuple[str, ...]:

@@ -212,6 +212,51 @@ def _no_tf_config(ws, mp):
     mp.delenv("TF_CONFIG", raising=False)
 
 
+def _data_dir_run(rel: str, data_rel: str, older: bool = False, handle: str = "random", marker: bool = False):
+    """A finished run on ``--data-dir data_rel`` (8 images, as its one row recorded them); ``older``:
+    the row as written before rows recorded ``data_files`` (its counts add up instead). With a
+    ``handle`` folder: a plain SavedModel then, the offline export's marker in it now (``marker``)."""
+    def step(ws, mp):
+        root = folder(ws / data_rel)
+        handle_ = handle.format(ws=ws)
+        if handle != "random":
+            Path(handle_).mkdir()
+            (Path(handle_) / "saved_model.pb").write_bytes(b"a model")
+        fields = dict(dataset="flowers", data_dir=str(root), model_handle=handle_,
+                      weights="random" if handle == "random" else "local, unknown", train_images=6, test_images=2,
+                      skipped_files=0)
+        if not older:
+            fields.update(data_files=8, data_fingerprint=data.fingerprint(data.discover(root)))
+        header = HEADER.strip() + "," + ",".join(fields) + "\n"
+        row = ROW_OK.strip() + "," + ",".join(f'"{v}"' for v in fields.values()) + "\n"
+        run_files(ws / rel, header + row, {**RUN_JSON, "data_dir": str(root),
+                                          **({"model_handle": handle_} if handle != "random" else {})})
+        if marker:
+            from flowers_fast.config import WEIGHTS_MARKER
+
+            (Path(handle_) / WEIGHTS_MARKER).write_text("random MobileNetV2\n")
+    return step
+
+
+def _remove_images(rel: str, n: int, folder: bool = False):
+    def step(ws, mp):
+        import shutil
+
+        files = sorted((ws / rel).rglob("*.jpg"))
+        for f in files[:n]:
+            f.unlink()
+        if folder:
+            shutil.rmtree(ws / rel)
+    return step
+
+
+def _rename_image(rel: str):
+    def step(ws, mp):
+        first = sorted((ws / rel).rglob("*.jpg"))[0]
+        first.rename(first.with_name("renamed.jpg"))
+    return step
+
+
 T = ("train", "--image-size", str(SIZE), "--epochs", "1", "--quiet", "--model-handle", "{model}")
 TD = T + ("--data-dir",)  # + a folder
 RESULTS = "{ws}/results/run-20260101-000000.csv"
@@ -383,6 +428,21 @@ CASES = [
          setup=_split_part_undecodable("d")),
     Case("strict-newline-in-file-name", TD + ("{ws}/d", "--strict"), 3, "bad\\nname.jpg",
          setup=_split_part_undecodable("d", name="bad\nname.jpg")),
+    # --- issue 19: data identity and labels (a resumed run never mixes rows on other data)
+    Case("resume-data-dir-lost-images", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_images 8 vs 5", setup=_fs(_data_dir_run("r", "d"), _remove_images("d", 3)), tool="bench"),
+    Case("resume-data-dir-gained-images", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_images 8 vs 12", setup=_fs(_data_dir_run("r", "d"), _folder("d", per_class=6)), tool="bench"),
+    Case("resume-data-dir-renamed-files", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_fingerprint", setup=_fs(_data_dir_run("r", "d"), _rename_image("d")), tool="bench"),
+    Case("resume-older-row-other-count", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_images 8 vs 5", setup=_fs(_data_dir_run("r", "d", older=True), _remove_images("d", 3)),
+         tool="bench"),
+    Case("resume-data-dir-gone", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--data-dir {ws}/d",
+         "does not exist", setup=_fs(_data_dir_run("r", "d"), _remove_images("d", 8, folder=True)), tool="bench"),
+    Case("resume-weights-now-random", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "weights local, unknown vs random", setup=_data_dir_run("r", "d", handle="{ws}/m", marker=True),
+         tool="bench"),
 ]
 assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
