@@ -661,3 +661,69 @@ def test_odd_image_files_give_every_pipeline_the_same_pixels(decoded, name):
     assert np.abs(predicted.astype(np.int16) - tfdata.astype(np.int16)).mean() < 1.0  # predict = tf.data
     # The reduced DCT decode differs by design, but never by orientation.
     assert np.abs(naive.astype(np.int16) - dct.astype(np.int16)).mean() < 6.0, name
+
+
+# --- issue 19: data identity and labels --------------------------------------------------------
+
+def test_resume_on_unchanged_data_goes_on(ws, capsys):
+    _data_dir_run("r", "d")(ws, None)
+    code, out, err = invoke("bench", ["run", "--resume", str(ws / "r" / "run-1.csv")], capsys)
+    assert code == 0 and "error:" not in err, err
+
+
+def test_weights_say_what_the_handle_shows(tmp_path, cache):
+    from flowers_fast import config
+    from flowers_fast import model as models
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "saved_model.pb").write_bytes(b"a model")
+    assert models.resolve_handle(str(plain), cache) == (str(plain), "local, unknown")
+    (plain / config.WEIGHTS_MARKER).write_text("random MobileNetV2, seed 0\n")  # what hubexport writes
+    assert models.resolve_handle(str(plain), cache)[1] == "random"
+    assert config.weights_label(config.HUB_FEATURE_VECTOR) == "pretrained (imagenet)"
+    assert config.weights_label("https://example.org/my/model/1") == "downloaded, unknown"
+    # A folder as TF Hub caches a download: the descriptor beside it names the URL.
+    hub = tmp_path / "hub" / "0123abcd"
+    hub.mkdir(parents=True)
+    (tmp_path / "hub" / "0123abcd.descriptor").write_text(f"Module: {config.HUB_CLASSIFIER}\nDownload Time: x\n")
+    assert config.weights_label(str(hub)) == "pretrained (imagenet)"
+
+
+def test_featcache_save_is_a_model_predict_loads_and_rows_say_what_ran(tmp_path, small_model, capsys):
+    """Issue 19: featcache --save wrote a head alone (predict refused it); run.json and --json said
+    name tfdata and num_images 3670 for a --data-dir of 8 images; a local handle said pretrained."""
+    import shutil
+
+    from flowers_fast.config import WEIGHTS_MARKER
+
+    handle = tmp_path / "copied-model"
+    shutil.copytree(small_model, handle, ignore=shutil.ignore_patterns(WEIGHTS_MARKER))
+    d = folder(tmp_path / "d")
+    code, out, err = invoke("ff", ["train", "--pipeline", "featcache", "--data-dir", str(d), "--image-size",
+                                   str(SIZE), "--epochs", "1", "--quiet", "--no-breakdown", "--model-handle",
+                                   str(handle), "--save", str(tmp_path / "m"), "--json", str(tmp_path / "row.json")],
+                          capsys)
+    assert code == 0, err
+    assert "frozen backbone with the trained head" in out and "weights local, unknown" in out
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert (row["name"], row["num_images"], row["data_files"], row["weights"]) == ("featcache", 8, 8,
+                                                                                   "local, unknown")
+    assert row["data_fingerprint"] == data.fingerprint(data.discover(d))
+    saved = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert (saved["name"], saved["pipeline"], saved["num_images"]) == ("featcache", "featcache", 8)
+    code, out, err = invoke("ff", ["predict", "--checkpoint", str(tmp_path / "m"), str(d / "roses" / "0.jpg")],
+                            capsys)
+    assert code == 0, err
+    assert "2 classes: daisy, roses" in out
+
+
+def test_a_finite_divergence_stops_like_nan(tmp_path, small_model, capsys):
+    """Issue 19: --learning-rate 1e6 ended at test loss 2.6e8 with exit 0; only NaN was caught."""
+    assert train.divergence(2.6e8, 5, "on the test set", 1e6) is not None
+    assert train.divergence(float("nan"), 5, "in epoch 2", 10) is not None
+    assert train.divergence(25.0, 5, "on the test set", 0.1) is None  # lr 0.1: a poor model, not a blow-up
+    code, out, err = invoke("ff", [*T[:-1], str(small_model), "--num-images", "20", "--learning-rate", "1e6"], capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "--learning-rate 1e+06: training diverged" in lines[0] and "over 100x" in lines[0]
