@@ -25,7 +25,8 @@ import pandas as pd
 
 from flowers_fast.errors import REGRESSION_EXIT_CODE, UserError
 
-from .results import HIGHER_IS_BETTER, METRICS, load, medians, ordered, values
+from .results import HIGHER_IS_BETTER, METRICS, compatible, data_key, data_label, differences, load, medians, ordered, \
+    values
 
 DEFAULT_METRIC = "total_s"
 NOT_COMPARED = "not compared"  # the metric does not exist for this configuration on either side
@@ -79,6 +80,10 @@ def compare(base: pd.DataFrame, new: pd.DataFrame, metric: str = DEFAULT_METRIC,
     mb, mn = medians(base).set_index(["device", "name"]), medians(new).set_index(["device", "name"])
     keys = list(dict.fromkeys(list(mb.index) + list(mn.index)))
     order = {d: ordered([n for dd, n in keys if dd == d], list(dict.fromkeys(n for _, n in keys))) for d, _ in keys}
+    # Each configuration's data keys on each side: a ratio across different data is said in its verdict.
+    data = {side: {k: list(dict.fromkeys(data_key(r) for _, r in rows.iterrows()))
+                   for k, rows in df.groupby(["device", "name"], sort=False)}
+            for side, df in (("BASE", base), ("NEW", new))}
     rows = []
     for device in dict.fromkeys(d for d, _ in keys):
         for name in order[device]:
@@ -110,10 +115,19 @@ def compare(base: pd.DataFrame, new: pd.DataFrame, metric: str = DEFAULT_METRIC,
                 row["verdict"] = verdict(sides[0], sides[1], threshold, higher)
                 if b[col + "_n"] < 2 and n[col + "_n"] < 2:
                     row["verdict"] += " (1 run each: no spread, the threshold alone)"
+            changed = data_changes(data["BASE"].get((device, name), []), data["NEW"].get((device, name), []))
+            if changed:
+                row["verdict"] += f" (different data: {changed[0]})"
             rows.append(row)
     out = pd.DataFrame(rows)
     out.attrs.update(metric=col, higher_is_better=higher, threshold=threshold)
     return out
+
+
+def data_changes(base_keys, new_keys) -> list[str]:
+    """How the data or weights of one configuration differ between BASE and NEW (bench.results.DATA)."""
+    return list(dict.fromkeys(d for b in base_keys for n in new_keys if not compatible(b, n)
+                              for d in differences(b, n)))
 
 
 def _cell(median: float, lo: float, hi: float) -> str:
@@ -139,6 +153,9 @@ def cmd_compare(args) -> int:
     mids = (values(base, "machine_id"), values(new, "machine_id"))
     if "?" not in mids and mids[0] != mids[1]:
         print(f"note: BASE ran on machine {mids[0]}, NEW on {mids[1]}: the ratios mix hardware and code")
+    if table["verdict"].str.contains("(different data: ", regex=False).any():
+        print(f"note: BASE and NEW were measured on different data or weights (BASE: {data_label(base)}; NEW: "
+              f"{data_label(new)}): the ratios mix data and code; rerun one side on the other's data to compare")
     absent = table[table["verdict"] == NOT_COMPARED]
     shown = table[table["verdict"] != NOT_COMPARED]
     shown = shown.assign(ratio=[f"{r:.3f}" if r == r else "n/a" for r in shown["ratio"]])

@@ -17,7 +17,7 @@ import pandas as pd
 from flowers_fast.clikit import finite_float
 from flowers_fast.errors import DataError, UserError, invoked
 
-from .results import DEFAULT_CSV, load, medians, text
+from .results import DEFAULT_CSV, groups, load, medians, text
 
 # objective -> (column, larger is better, words, unit)
 OBJECTIVES = {
@@ -123,14 +123,15 @@ def command_for(row: pd.Series, device: str) -> str:
     preset = _text_of(row, "preset")
     if preset:
         parts += ["--preset", preset]
-    dataset = _text_of(row, "dataset")
-    if dataset:
+    dataset, data_dir = _text_of(row, "dataset"), _text_of(row, "data_dir")
+    # --data-dir means the flowers layout from that folder; bench run refuses it with another --dataset.
+    if dataset and not data_dir and dataset != "in-memory":
         parts += ["--dataset", dataset]
     for flag, col in (("--epochs", "epochs"), ("--batch-size", "batch_size")):
         value = _text_of(row, col)
         if value:
             parts += [flag, str(int(float(value)))]
-    if dataset == "synthetic":
+    if dataset == "synthetic" and not data_dir:  # it sizes the synthetic set only
         value = _text_of(row, "num_images")
         if value:
             parts += ["--num-images", str(int(float(value)))]
@@ -142,12 +143,28 @@ def command_for(row: pd.Series, device: str) -> str:
 
 
 def cmd_recommend(args) -> int:
+    """One recommendation per machine, run and data (bench.results.groups, as the report has them):
+    medians of rows measured on different data or weights are not pooled into one choice."""
     df = load(args.csv or [DEFAULT_CSV])
-    row, reason, command = recommend(df, args.device, args.max_acc_drop, args.objective,
-                                     noise_margin=not args.no_noise_margin)
-    print(f"recommended: {row['name']}")
-    print(reason)
-    print(f"reproduce with:\n  {command}")
+    parts = groups(df)
+    errors = []
+    for label, rows in parts:
+        if len(parts) > 1:
+            print(f"== {label} ==")
+        try:
+            row, reason, command = recommend(rows, args.device, args.max_acc_drop, args.objective,
+                                             noise_margin=not args.no_noise_margin)
+        except UserError as exc:
+            if len(parts) == 1:
+                raise
+            errors.append(exc)
+            print(f"n/a: {exc}\n")
+            continue
+        print(f"recommended: {row['name']}")
+        print(reason)
+        print(f"reproduce with:\n  {command}" + ("\n" if len(parts) > 1 else ""))
+    if len(errors) == len(parts):
+        raise errors[0]
     return 0
 
 

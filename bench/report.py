@@ -270,8 +270,10 @@ def provenance(rows: pd.DataFrame) -> list[tuple[str, str]]:
         ("versions", f"Python {v('python_version')}, tensorflow {tf_version}, tf_keras {v('tf_keras_version')}, "
                      f"tensorflow_hub {v('tensorflow_hub_version')}, numpy {v('numpy_version')}, "
                      f"opencv {v('opencv_version')}"),
-        ("data", f"{v('dataset')} (data dir {v('data_dir')}); {i('num_images')} images requested, "
-                 f"{i('train_images')} train / {i('test_images')} test, {i('image_size')} px"),
+        # The images the data held (not --num-images, which sizes only the synthetic set).
+        ("data", f"{v('dataset')} (data dir {v('data_dir')}); {v('data_images')} images (file list "
+                 f"{v('data_fingerprint')}), {i('train_images')} train / {i('test_images')} test used, "
+                 f"{i('image_size')} px"),
         ("weights", f"{v('weights')} ({v('handle') if 'handle' in rows_ else v('model_handle')})"),
         ("training", f"{i('epochs')} epochs, batch {i('batch_size')}, learning rate {v('learning_rate')}, "
                      f"seed {i('seed')}"),

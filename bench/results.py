@@ -46,9 +46,18 @@ MACHINE = ("machine_id", "cpu_brand", "cpu_vendor", "cpu_arch", "cpu_isa", "cpu_
            "cpu_physical_cores", "ram_gb", "os", "kernel", "gpu_names", "gpu_driver", "tf_cuda_build",
            "tf_cudnn_build", "tensorflow_version", "tf_keras_version", "tensorflow_hub_version", "numpy_version",
            "opencv_version", "python_version")
+# What a row was measured on besides the machine (MACHINE's machine_id) and the run (run_id): the
+# data (its kind, folder, image count, file list) and the weights. Rows that differ in any of these
+# are not repeats of one another: report and recommend keep them apart (groups), compare says so,
+# and run --resume refuses to add rows on other data to a run (compatible). ``data_images`` is
+# derived on loading (normalise); a blank value is unknown (a failed row never loaded its data;
+# modelonly has none) and matches any.
+DATA = ("dataset", "data_dir", "data_images", "data_fingerprint", "weights", "model_handle")
+# Before weights were labelled by what the handle shows, every local or URL handle said this.
+LEGACY_PRETRAINED = "pretrained"
 TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "precision", "compute_dtype",
-        "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir", "git_commit",
-        "source") + MACHINE
+        "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir", "data_fingerprint",
+        "git_commit", "source") + MACHINE
 # Per-configuration settings carried into the medians table (first ok repeat's value).
 SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data_dir", "model_handle", "epochs",
             "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version")
@@ -127,7 +136,60 @@ def normalise(df: pd.DataFrame) -> pd.DataFrame:
     if "acc_pct" not in df.columns:
         df["acc_pct"] = accuracy_percent(df["test_accuracy"])
     df["acc_pct"] = pd.to_numeric(df["acc_pct"], errors="coerce")
+    df["data_images"] = data_images(df)
     return df
+
+
+def data_images(df: pd.DataFrame) -> pd.Series:
+    """Images the row's data held, as text: ``data_files`` (recorded since issue 19), else what an
+    older row adds up to (train + test + skipped images); blank when unknown or without data."""
+    def column(name):
+        return pd.to_numeric(df[name], errors="coerce") if name in df.columns else pd.Series(float("nan"),
+                                                                                              index=df.index)
+    older = column("train_images") + column("test_images") + column("skipped_files").fillna(0)
+    count = column("data_files").fillna(older)
+    dataset = df["dataset"].map(text) if "dataset" in df.columns else pd.Series("", index=df.index)
+    return count.where(dataset != "in-memory").map(lambda v: "" if pd.isna(v) else str(int(v)))
+
+
+def data_key(row) -> tuple[str, ...]:
+    """A row's (or a dict's) DATA values as text; a modelonly row's data fields blank (it has none)."""
+    key = tuple(text(row.get(col, "")) for col in DATA)
+    if key[0] == "in-memory":
+        key = tuple("" if col not in ("weights", "model_handle") else v for col, v in zip(DATA, key))
+    return key
+
+
+def compatible(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether two data keys can be the same data and weights: equal where both are known (an
+    older row's "pretrained" stands for any weights but the random export)."""
+    for col, x, y in zip(DATA, a, b):
+        if not x or not y or x == y:
+            continue
+        if col == "weights" and LEGACY_PRETRAINED in (x, y) and "random" not in (x, y):
+            continue
+        return False
+    return True
+
+
+def differences(a: tuple[str, ...], b: tuple[str, ...]) -> list[str]:
+    """What makes two data keys incompatible, e.g. ["data_images 40 vs 21"]."""
+    def only(key, i):
+        return tuple(v if j == i else "" for j, v in enumerate(key))
+    return [f"{col} {a[i]} vs {b[i]}" for i, col in enumerate(DATA) if not compatible(only(a, i), only(b, i))]
+
+
+def data_label(rows: pd.DataFrame) -> str:
+    """"synthetic, 40 images (files 1a2b3c4d5e6f), weights random", from the rows with data."""
+    with_data = rows[rows["dataset"].map(text) != "in-memory"] if "dataset" in rows.columns else rows
+    rows = with_data if len(with_data) else rows
+    where = values(rows, "data_dir")
+    label = values(rows, "dataset") + (f" from {where}" if where != "?" else "")
+    count, files = values(rows, "data_images"), values(rows, "data_fingerprint")
+    if count != "?":
+        label += f", {count} images" + (f" (files {files})" if files != "?" else "")
+    handle = values(rows, "model_handle")
+    return label + f", weights {values(rows, 'weights')}" + (f" ({handle})" if handle not in ("?", "random") else "")
 
 
 def text(value) -> str:
@@ -210,22 +272,38 @@ def _int_text(value: str) -> str:
 
 
 def groups(df: pd.DataFrame, pool: bool = False) -> list[tuple[str, pd.DataFrame]]:
-    """The rows split by machine (``machine_id``) and run (``run_id``), in first-seen order, each
-    with a label: rows of different machines or runs are never medians of one another. With
-    ``pool`` every row is one group, labelled with what was pooled."""
+    """The rows split by machine (``machine_id``), run (``run_id``) and what they were measured on
+    (DATA: data and weights), in first-seen order, each with a label: rows of different machines,
+    runs or data are never medians of one another. A row whose data is unknown (a failed row, a
+    modelonly probe) goes with every part of its run it fits. With ``pool`` every row is one
+    group, labelled with what was pooled."""
     if df.empty:
         return []
     machine = df["machine_id"].map(text) if "machine_id" in df.columns else pd.Series("", index=df.index)
     run = df["run_id"].map(text)
-    keys = list(dict.fromkeys(zip(machine, run)))
-    if pool or len(keys) == 1:
-        label = (f"{len(keys)} runs on {len(set(m for m, _ in keys))} machine(s) pooled" if len(keys) > 1
-                 else f"run {run.iloc[0] or '?'}")
+    keys = pd.Series([data_key(r) for _, r in df.iterrows()], index=df.index)
+    parts = []  # (machine, run, anchor data key), in first-seen order
+    for m, r in dict.fromkeys(zip(machine, run)):
+        mine = keys[(machine == m) & (run == r)]
+        # The most completely known keys first, so that a partly known one joins them.
+        anchors: list[tuple] = []
+        for key in sorted(dict.fromkeys(mine), key=lambda k: -sum(bool(v) for v in k)):
+            if not any(compatible(key, a) for a in anchors):
+                anchors.append(key)
+        first = {a: min(i for i, k in mine.items() if k == a) for a in anchors}
+        parts += [(m, r, a) for a in sorted(anchors, key=first.get)]
+    several_data = len({a for _, _, a in parts}) > 1
+    if pool or len(parts) == 1:
+        runs = list(dict.fromkeys((m, r) for m, r, _ in parts))
+        label = (f"{len(runs)} runs on {len(set(m for m, _ in runs))} machine(s)"
+                 + (f" with {len(parts)} different data or weights" if several_data else "") + " pooled"
+                 if len(parts) > 1 else f"run {run.iloc[0] or '?'}")
         return [(label, df)]
     out = []
-    for m, r in keys:
-        rows = df[(machine == m) & (run == r)]
-        out.append((f"{machine_label(rows)}, run {r or '?'}", rows))
+    for m, r, anchor in parts:
+        rows = df[(machine == m) & (run == r) & keys.map(lambda k: compatible(k, anchor))]
+        label = f"{machine_label(rows)}, run {r or '?'}" + (f", data {data_label(rows)}" if several_data else "")
+        out.append((label, rows))
     return out
 
 

@@ -49,7 +49,7 @@ from flowers_fast.outputs import Outputs, atomic_open, atomic_write, spreadsheet
 
 from . import configs as configs_mod
 from . import machine
-from .results import LEADING
+from .results import LEADING, compatible, data_images, data_key, differences
 
 # The defaults of bench run's own flags (bench/cli.py); --resume tells given flags from these.
 DEFAULTS = dict(device="cpu", preset="quick", configs=None, repeats=None, timeout=None, figures=False,
@@ -397,6 +397,7 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
         print(f"bench: skipping device {s}", file=sys.stderr)
     timeout_s = args.timeout or preset.timeout_s
     results = ResultsFile(path, out / "latest.csv")
+    check_same_data(results.rows, cfgs, path)
     # Interrupted rows are re-run on resume; ok and error rows are results and stay.
     results.drop(lambda r: r.get("status") != "interrupted")
     if results.stale:
@@ -462,6 +463,43 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
     print("report: " + ", ".join(str(p) for p in written))
     # A skipped row (the hardware lacks what a configuration needs, e.g. bf16) is a result, not a failure.
     return 0 if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
+
+
+def data_now(cfg: RunConfig) -> tuple[str, ...]:
+    """The data key (bench.results.DATA) a row of ``cfg`` would have if it ran now, as far as it
+    can be known without TensorFlow: a --data-dir's images and file list, the weights a local
+    handle shows. Cached sets (synthetic, download) follow from the saved settings alone."""
+    from flowers_fast import data
+    from flowers_fast.config import RANDOM_HANDLE, weights_label
+
+    count = files = ""
+    if cfg.data_dir:
+        found = data.discover(cfg.data_dir, kind=cfg.dataset)
+        count, files = str(len(found)), data.fingerprint(found)
+    handle = cfg.model_handle
+    local = Path(handle).expanduser().exists() and "://" not in handle
+    weights = "random" if handle == RANDOM_HANDLE else weights_label(handle) if "://" in handle or local else ""
+    return data_key({"dataset": cfg.dataset, "data_dir": cfg.data_dir or "", "data_images": count,
+                     "data_fingerprint": files, "weights": weights, "model_handle": handle})
+
+
+def check_same_data(rows: list[dict], cfgs: list[RunConfig], path: Path) -> None:
+    """--resume: the finished rows were measured on the data and weights the rest of the run would
+    use now, else a DataError: rows on a --data-dir that has changed since (images added or
+    removed) would be medians and table rows of one run with the others."""
+    if not rows:
+        return
+    frame = pd.DataFrame(rows)
+    frame["data_images"] = data_images(frame)
+    now = {}
+    for cfg in cfgs:
+        now.setdefault((cfg.dataset, cfg.data_dir, cfg.model_handle), data_now(cfg))
+    for key in dict.fromkeys(data_key(r) for _, r in frame.iterrows()):
+        for current in dict.fromkeys(now.values()):
+            if not compatible(key, current):
+                raise DataError(f"--resume {path}: the data or weights changed since its rows were measured "
+                                f"({'; '.join(differences(key, current))}, then vs now): resuming would mix rows on "
+                                "different data in one run; start a new run (the same command without --resume)")
 
 
 def summary_table(df: pd.DataFrame) -> str:

@@ -91,6 +91,7 @@ def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
     member = cluster.current() if cfg.strategy == "multiworker" else None
     helper = member is not None and not member.is_chief  # in a cluster, the chief alone writes the model
     row = {**cfg.to_dict(), **result.row}
+    model = train.image_model(result, cfg) if save else None
     if json_path:
         try:
             atomic_write(json_path, json.dumps(row, default=str))
@@ -105,7 +106,7 @@ def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
     if save and helper:
         # Every task must take part in saving (MWMS reads variables collectively); only the chief keeps it.
         with tempfile.TemporaryDirectory(prefix="flowers_fast_save_") as scratch, cluster.one_line_failures(True):
-            result.model.save(scratch)
+            model.save(scratch)
         print(f"{member.label}: the chief saves the model and writes figures; this task's copy was discarded")
     elif save:
         from .tfkeras import tf
@@ -113,15 +114,18 @@ def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
         def write(tmp: Path) -> None:
             try:
                 with cluster.one_line_failures(member is not None):
-                    result.model.save(str(tmp))
+                    model.save(str(tmp))
             except tf.errors.OpError as exc:  # TensorFlow's own type for a full disk
                 raise OSError(exc.message.strip().splitlines()[0][:160]) from None
             # predict --checkpoint reads these: class names, and how the model was fed (BGR or RGB).
             (tmp / "classes.txt").write_text("\n".join(result.classes) + "\n")
-            (tmp / "run.json").write_text(cfg.to_json())
+            # The configuration, with the image count the data really had (--num-images sizes synthetic sets only).
+            (tmp / "run.json").write_text(json.dumps({**cfg.to_dict(), "num_images": row["num_images"]},
+                                                     sort_keys=True))
 
         write_folder(save, "--save", write)
-        print(f"saved model to {save}")
+        what = "the frozen backbone with the trained head" if cfg.pipeline == "featcache" else "the whole model"
+        print(f"saved model to {save} ({what}: images -> {len(result.classes)} classes, for predict --checkpoint)")
     written = figures.run_figures(result, fig_dir, cfg.pipeline) if fig_dir and not helper else []
     for path in written:
         print(f"wrote {path}")

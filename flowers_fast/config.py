@@ -29,6 +29,12 @@ CACHES = ("memory", "file", "none")
 HUB_FEATURE_VECTOR = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 HUB_CLASSIFIER = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/classification/4"
 RANDOM_HANDLE = "random"
+WEIGHTS_MARKER = "flowers_fast_weights.txt"  # hubexport writes it beside its random weights
+# What a row's ``weights`` says (weights_label): only what the handle shows.
+RANDOM_WEIGHTS, IMAGENET_WEIGHTS = "random", "pretrained (imagenet)"
+LOCAL_UNKNOWN, URL_UNKNOWN = "unknown (local)", "unknown (downloaded)"
+_GOOGLE_IMAGENET = re.compile(r"^https?://(tfhub\.dev|www\.kaggle\.com/models|kaggle\.com/models)/google/"
+                              r"[^?#]*(mobilenet|imagenet)", re.IGNORECASE)
 
 # Where a knob's flag appears: ``train`` (python -m flowers_fast train), ``sweep`` (python -m bench
 # run, overriding it for every configuration of the sweep) and/or ``predict`` (python -m flowers_fast predict).
@@ -50,7 +56,9 @@ def knob(default, help: str, *, flag: str | None = None, choices: tuple | None =
 class RunConfig:
     """Everything that defines one run. Field names are CSV column names."""
 
-    name: str = knob("tfdata", "configuration name (bench names each configuration)", where=())
+    # Unnamed (``train``), a configuration is named after its pipeline: rows and run.json say what ran.
+    name: str | None = knob(None, "configuration name (bench names each configuration; default: the pipeline)",
+                            where=())
     pipeline: str = knob("tfdata", "naive (the notebook: OpenCV to NumPy), tutorial (TF's tutorial), tfdata, "
                          "featcache (frozen features once, then the head), modelonly (in-memory tensors, no data)",
                          choices=PIPELINES, where=(TRAIN,))
@@ -121,6 +129,8 @@ class RunConfig:
                            metavar="PORT")
 
     def __post_init__(self) -> None:
+        if self.name is None:
+            object.__setattr__(self, "name", self.pipeline)
         for f in dataclasses.fields(self):
             problem = check_value(f, getattr(self, f.name))
             if problem:
@@ -176,6 +186,27 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def weights_label(handle: str) -> str:
+    """What is known of a resolved model handle's weights, without loading it: ``random`` for this
+    project's own export (hubexport's marker file), ``pretrained (imagenet)`` for Google's ImageNet
+    models on TF Hub / Kaggle (also as TF Hub cached them: a ``.descriptor`` file beside the
+    folder names the URL), else ``unknown (downloaded)`` (another URL) or ``unknown (local)``: a
+    folder's weights cannot be told from the folder."""
+    from pathlib import Path
+
+    if re.match(r"^https?://", handle):
+        return IMAGENET_WEIGHTS if _GOOGLE_IMAGENET.match(handle) else URL_UNKNOWN
+    path = Path(handle).expanduser()
+    if (path / WEIGHTS_MARKER).exists():
+        return RANDOM_WEIGHTS
+    try:
+        descriptor = path.with_name(path.name + ".descriptor").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return LOCAL_UNKNOWN
+    url = next((line.split(":", 1)[1].strip() for line in descriptor.splitlines() if line.startswith("Module:")), "")
+    return IMAGENET_WEIGHTS if _GOOGLE_IMAGENET.match(url) else LOCAL_UNKNOWN
 
 
 def data_service_address(address: str) -> tuple[str, int]:

@@ -93,6 +93,19 @@ def discover(root: str | Path, kind: str = "folder", cached: bool = False) -> Im
                        tuple(sorted(ignored)))
 
 
+def fingerprint(dataset: ImageFolder) -> str:
+    """12 hex digits of the dataset's file list (class folders and names, relative to its root, as
+    bytes: any name the OS accepts): two rows with the same fingerprint read the same files.
+    Contents are not read, so it costs nothing; a file replaced under the same name keeps it."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for path in dataset.files:
+        digest.update(os.fsencode(os.path.relpath(path, dataset.root)) + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def exif_orientations(files) -> list[int]:
     """Each file's EXIF orientation, 1..8 (1: the pixels are stored upright), read from its header.
 

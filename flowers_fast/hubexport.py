@@ -15,13 +15,13 @@ import shutil
 from pathlib import Path
 
 from . import mobilenet
+from .config import WEIGHTS_MARKER  # beside random weights: config.weights_label says "random"
 from .errors import OutputError
 from .outputs import temp_dir
 from .tfkeras import keras, tf
 
 EXPORT_VERSION = 2  # feature vector
 CLASSIFIER_VERSION = 1
-WEIGHTS_MARKER = "flowers_fast_weights.txt"  # beside random weights: reports say "random"
 
 
 def _hub_module(backbone: "keras.Model", image_size: int):

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from . import hubexport, mobilenet, runtime
-from .config import HUB_CLASSIFIER, HUB_FEATURE_VECTOR, RANDOM_HANDLE, RunConfig
+from .config import (HUB_CLASSIFIER, HUB_FEATURE_VECTOR, RANDOM_HANDLE, RANDOM_WEIGHTS, RunConfig,
+                     weights_label)
 from .errors import ModelError, OfflineError, UnsupportedError
 from .tfkeras import hub, keras, tf
 
@@ -47,7 +48,7 @@ NATIVE, GRAPPLER_FP16, GRAPPLER_BF16, OPENVINO_BF16 = "native", "grappler-fp16",
 class Backbone:
     layer: "keras.layers.Layer"  # float32 images in [0, 1] -> features
     handle: str  # what was loaded (a path or URL)
-    weights: str  # pretrained | random
+    weights: str  # what is known of them: config.weights_label
     compute_dtype: str  # the dtype the convolutions actually run in
     feature_dim: int
     mixed_route: str = ""  # how --precision mixed runs (see the module's docstring); "" for fp32
@@ -63,7 +64,7 @@ class NotMappable(Exception):
 
 def resolve_handle(handle: str, cache: Path, kind: str = FEATURE_VECTOR, seed: int = 0,
                    image_size: int = 224) -> tuple[str, str]:
-    """(loadable handle, weights kind: pretrained | random). ``random`` exports the offline model
+    """(loadable handle, what is known of its weights: config.weights_label). ``random`` exports the offline model
     of ``kind`` on first use; URLs are left to TF Hub, with its cache under ``cache``."""
     handle = ALIASES[kind].get(handle, handle)
     if handle == RANDOM_HANDLE:
@@ -72,11 +73,11 @@ def resolve_handle(handle: str, cache: Path, kind: str = FEATURE_VECTOR, seed: i
         else:
             path = hubexport.export_random_classifier(hubexport.classifier_path(cache, seed, image_size), seed,
                                                       image_size)
-        return str(path), "random"
+        return str(path), RANDOM_WEIGHTS
     if re.match(r"^https?://", handle):
         # Hub caches downloads here; an explicit TFHUB_CACHE_DIR from the user wins.
         os.environ.setdefault("TFHUB_CACHE_DIR", str(Path(cache) / "hub"))
-        return handle, "pretrained"
+        return handle, weights_label(handle)
     path = Path(handle).expanduser()
     what = "a Hub classification URL" if kind == CLASSIFICATION else "a Hub URL"
     if not path.exists():
@@ -85,12 +86,11 @@ def resolve_handle(handle: str, cache: Path, kind: str = FEATURE_VECTOR, seed: i
     if not (path / "saved_model.pb").exists():
         raise ModelError(f"--model-handle {handle}: not a SavedModel (no saved_model.pb inside); pass the folder "
                          "of an extracted TF Hub model")
-    weights = "random" if (path / hubexport.WEIGHTS_MARKER).exists() else "pretrained"
-    return str(path), weights
+    return str(path), weights_label(str(path))
 
 
 def load_hub_layer(handle: str, trainable: bool = False, name: str = "backbone",
-                   weights: str = "pretrained") -> "hub.KerasLayer":
+                   weights: str = "") -> "hub.KerasLayer":
     """``hub.KerasLayer(handle)``; a download or load failure is one line (offline: exit 6).
     ``weights`` as from resolve_handle: ``random`` means our own export, in the cache."""
     try:
@@ -100,7 +100,7 @@ def load_hub_layer(handle: str, trainable: bool = False, name: str = "backbone",
             raise OfflineError(f"--model-handle {handle}: could not download ({type(exc).__name__}); offline, pass "
                                "--model-handle PATH (an extracted Hub SavedModel) or --model-handle random") from None
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        if weights == "random" and Path(handle).parent.name == "models":
+        if weights == RANDOM_WEIGHTS and Path(handle).parent.name == "models":
             # Our export in the cache, damaged (a full disk, a killed copy): the user gave "random".
             raise ModelError(f"--model-handle random: the offline model cached at {handle} cannot be loaded "
                              f"({type(exc).__name__}: {first}); delete that folder and rerun to export it "
@@ -253,9 +253,10 @@ def build_head(num_classes: int, seed: int) -> "keras.layers.Dense":
                               kernel_initializer=keras.initializers.GlorotUniform(seed=seed))
 
 
-def build_classifier(backbone: Backbone, num_classes: int, cfg: RunConfig, input_kind: str = "uint8"):
+def build_classifier(backbone: Backbone, num_classes: int, cfg: RunConfig, input_kind: str = "uint8", head=None):
     """Images -> logits. ``input_kind``: ``uint8`` (0..255, scaled in the model), ``float255``
-    (the tutorial's Rescaling layer), or ``unit`` (already in [0, 1], the notebook's /255)."""
+    (the tutorial's Rescaling layer), or ``unit`` (already in [0, 1], the notebook's /255).
+    ``head``: a trained head layer to put on the backbone (featcache's), else a new one."""
     size = cfg.image_size
     if input_kind == "uint8":
         inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
@@ -269,7 +270,7 @@ def build_classifier(backbone: Backbone, num_classes: int, cfg: RunConfig, input
     else:
         raise ValueError(input_kind)
     features = backbone.layer(x)
-    logits = build_head(num_classes, cfg.seed)(features)
+    logits = (head or build_head(num_classes, cfg.seed))(features)
     return keras.Model(inputs, logits, name="flowers_classifier")
 
 

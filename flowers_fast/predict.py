@@ -107,7 +107,7 @@ def resolve_classifier(handle: str, cache: Path) -> tuple[str, str]:
     return resolve_handle(handle, cache, CLASSIFICATION)
 
 
-def load_hub_classifier(handle: str, weights: str = "pretrained"):
+def load_hub_classifier(handle: str, weights: str = ""):
     """hub.KerasLayer for ``handle`` after checking it outputs ImageNet logits; (layer, labels)."""
     from .model import load_hub_layer, output_shape
 
@@ -169,8 +169,9 @@ def load_checkpoint(path: str | Path):
                          f"({type(exc).__name__}: {first})") from None
     shape = model.input_shape
     if isinstance(shape, list) or len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
-        raise ModelError(f"--checkpoint {path}: takes input {shape}, not images [batch, S, S, 3] (a featcache "
-                         "checkpoint holds only the head; save a tfdata model to predict from images)")
+        raise ModelError(f"--checkpoint {path}: takes input {shape}, not images [batch, S, S, 3] (a head on "
+                         "features alone, as featcache --save wrote before it saved the backbone too; train and "
+                         "--save it again)")
     dtype = model.inputs[0].dtype
     if dtype.name == "uint8":
         kind = "uint8"

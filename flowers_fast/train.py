@@ -41,6 +41,16 @@ class RunResult:
     backbone: object = None
 
 
+def image_model(result: RunResult, cfg: RunConfig):
+    """The trained model on images (what ``train --save`` writes and ``predict --checkpoint``
+    loads): featcache trained only a head on features, so its model is the frozen backbone
+    (``result.backbone``, kept with ``keep_model``) with that head on top, fed uint8 like tfdata's."""
+    if cfg.pipeline != "featcache":
+        return result.model
+    return models.build_classifier(result.backbone, len(result.classes), cfg, "uint8",
+                                   head=result.model.get_layer("head"))
+
+
 @dataclass
 class RunContext:
     """Everything a runner needs; ``row`` is the CSV row being filled."""
@@ -95,6 +105,10 @@ def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> R
         ctx.dataset = data.resolve(cfg, cache)
         ctx.split = data.split(ctx.dataset, cfg.test_fraction, cfg.seed)
         ctx.row["ignored_files"] = len(ctx.dataset.ignored)
+        # What the row was measured on (bench.results.DATA): the images found, not --num-images
+        # (which only sizes the synthetic set), and which files they were.
+        ctx.row.update(num_images=len(ctx.dataset), data_files=len(ctx.dataset),
+                       data_fingerprint=data.fingerprint(ctx.dataset))
     else:
         ctx.row["dataset"] = "in-memory"
     ctx.row["classes"] = ctx.num_classes
@@ -152,19 +166,38 @@ class _Progress(keras.callbacks.Callback):
             self.bar = None
 
 
-class _StopOnDivergence(keras.callbacks.Callback):
-    """A loss that became NaN or infinite (a --learning-rate too large) is an error, not a model:
-    the run stops at the end of that epoch instead of reporting the accuracy of NaN weights."""
+# Cross-entropy of a uniform guess among K classes is log(K); a head that learned anything, or
+# nothing, stays within a few times that. A loss this many times above it has blown up (a
+# --learning-rate far too large), finite or not: 1e6 ended at a test loss of 2.6e8, exit 0.
+DIVERGED_FACTOR = 100.0
 
-    def __init__(self, learning_rate: float):
+
+def divergence(loss: float, num_classes: int, where: str, learning_rate: float) -> UserError | None:
+    """The error for a loss that diverged (NaN, infinite, or DIVERGED_FACTOR x log K), else None."""
+    loss = float(loss)
+    chance = math.log(max(num_classes, 2))
+    if math.isfinite(loss) and loss <= DIVERGED_FACTOR * chance:
+        return None
+    how = f"loss {loss} {where}" if not math.isfinite(loss) else \
+        f"loss {loss:.3g} {where}, over {DIVERGED_FACTOR:g}x the {chance:.2f} of guessing among {num_classes} classes"
+    return UserError(f"--learning-rate {learning_rate:g}: training diverged ({how}); use a smaller --learning-rate, "
+                     "e.g. the default 0.001")
+
+
+class _StopOnDivergence(keras.callbacks.Callback):
+    """A loss that diverged (see ``divergence``) is an error, not a model: the run stops at the end
+    of that epoch instead of reporting the accuracy of blown-up weights."""
+
+    def __init__(self, learning_rate: float, num_classes: int):
         super().__init__()
-        self.learning_rate = learning_rate
+        self.learning_rate, self.num_classes = learning_rate, num_classes
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise UserError(f"--learning-rate {self.learning_rate:g}: training diverged (loss {float(loss)} in epoch "
-                            f"{epoch + 1}); use a smaller --learning-rate, e.g. the default 0.001")
+        if loss is not None:
+            error = divergence(loss, self.num_classes, f"in epoch {epoch + 1}", self.learning_rate)
+            if error:
+                raise error
 
 
 def _compiled(ctx: RunContext, build) -> "keras.Model":
@@ -184,7 +217,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     timer = metrics.EpochTimer()
     bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
     try:
-        _fit(model, cfg, train_x, train_y, batch_size, [timer, bar, _StopOnDivergence(cfg.learning_rate)])
+        _fit(model, cfg, train_x, train_y, batch_size,
+             [timer, bar, _StopOnDivergence(cfg.learning_rate, ctx.num_classes)])
     finally:
         bar.close()  # an error message then starts on its own line
     times = timer.times
@@ -199,6 +233,9 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
 
     start = time.perf_counter()
     loss, acc = model.evaluate(test_x, test_y, batch_size=batch_size, verbose=0)
+    error = divergence(loss, ctx.num_classes, "on the test set", cfg.learning_rate)
+    if error:  # training's last epoch looked sane, the weights it ended with do not
+        raise error
     row.update(test_accuracy=float(acc), test_loss=float(loss), eval_s=time.perf_counter() - start)
     row["eval_img_s"] = n_test / row["eval_s"]
     if not ctx.predictions:

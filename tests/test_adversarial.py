@@ -219,6 +219,51 @@ def _no_tf_config(ws, mp):
     mp.delenv("TF_CONFIG", raising=False)
 
 
+def _data_dir_run(rel: str, data_rel: str, older: bool = False, handle: str = "random", marker: bool = False):
+    """A finished run on ``--data-dir data_rel`` (8 images, as its one row recorded them); ``older``:
+    the row as written before rows recorded ``data_files`` (its counts add up instead). With a
+    ``handle`` folder: a plain SavedModel then, the offline export's marker in it now (``marker``)."""
+    def step(ws, mp):
+        root = folder(ws / data_rel)
+        handle_ = handle.format(ws=ws)
+        if handle != "random":
+            Path(handle_).mkdir()
+            (Path(handle_) / "saved_model.pb").write_bytes(b"a model")
+        fields = dict(dataset="flowers", data_dir=str(root), model_handle=handle_,
+                      weights="random" if handle == "random" else "unknown (local)", train_images=6, test_images=2,
+                      skipped_files=0)
+        if not older:
+            fields.update(data_files=8, data_fingerprint=data.fingerprint(data.discover(root)))
+        header = HEADER.strip() + "," + ",".join(fields) + "\n"
+        row = ROW_OK.strip() + "," + ",".join(f'"{v}"' for v in fields.values()) + "\n"
+        run_files(ws / rel, header + row, {**RUN_JSON, "data_dir": str(root),
+                                          **({"model_handle": handle_} if handle != "random" else {})})
+        if marker:
+            from flowers_fast.config import WEIGHTS_MARKER
+
+            (Path(handle_) / WEIGHTS_MARKER).write_text("random MobileNetV2\n")
+    return step
+
+
+def _remove_images(rel: str, n: int, folder: bool = False):
+    def step(ws, mp):
+        import shutil
+
+        files = sorted((ws / rel).rglob("*.jpg"))
+        for f in files[:n]:
+            f.unlink()
+        if folder:
+            shutil.rmtree(ws / rel)
+    return step
+
+
+def _rename_image(rel: str):
+    def step(ws, mp):
+        first = sorted((ws / rel).rglob("*.jpg"))[0]
+        first.rename(first.with_name("renamed.jpg"))
+    return step
+
+
 T = ("train", "--image-size", str(SIZE), "--epochs", "1", "--quiet", "--model-handle", "{model}")
 TD = T + ("--data-dir",)  # + a folder
 RESULTS = "{ws}/results/run-20260101-000000.csv"
@@ -429,6 +474,22 @@ CASES = [
          "tfdata-predictions.png", setup=_fs(_mkdir("f3"), _symlink("f3/tfdata-predictions.png", "../afile"))),
     Case("loopback-logs-over-logs", ("loopback", "--logs", "{ws}/lg"), 8, "--logs", "worker0.json",
          setup=_write("lg/worker0.json", "{}"), tool="bench"),
+
+    # --- issue 19: data identity and labels (a resumed run never mixes rows on other data)
+    Case("resume-data-dir-lost-images", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_images 8 vs 5", setup=_fs(_data_dir_run("r", "d"), _remove_images("d", 3)), tool="bench"),
+    Case("resume-data-dir-gained-images", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_images 8 vs 12", setup=_fs(_data_dir_run("r", "d"), _folder("d", per_class=6)), tool="bench"),
+    Case("resume-data-dir-renamed-files", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_fingerprint", setup=_fs(_data_dir_run("r", "d"), _rename_image("d")), tool="bench"),
+    Case("resume-older-row-other-count", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "data_images 8 vs 5", setup=_fs(_data_dir_run("r", "d", older=True), _remove_images("d", 3)),
+         tool="bench"),
+    Case("resume-data-dir-gone", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--data-dir {ws}/d",
+         "does not exist", setup=_fs(_data_dir_run("r", "d"), _remove_images("d", 8, folder=True)), tool="bench"),
+    Case("resume-weights-now-random", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
+         "weights unknown (local) vs random", setup=_data_dir_run("r", "d", handle="{ws}/m", marker=True),
+         tool="bench"),
 ]
 assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
@@ -840,3 +901,68 @@ def test_a_refused_output_leaves_no_folder_made_for_another(ws, capsys, monkeypa
     monkeypatch.setenv("FLOWERS_FAST_CACHE", str(ws / "afile"))  # fails after --out was made
     code, _, err = invoke("bench", ["run", "--configs", "naive", "--out", str(ws / "newout" / "r")], capsys)
     assert code == 8 and "FLOWERS_FAST_CACHE" in err and not (ws / "newout").exists()
+
+# --- issue 19: data identity and labels --------------------------------------------------------
+
+def test_resume_on_unchanged_data_goes_on(ws, capsys):
+    _data_dir_run("r", "d")(ws, None)
+    code, out, err = invoke("bench", ["run", "--resume", str(ws / "r" / "run-1.csv")], capsys)
+    assert code == 0 and "error:" not in err, err
+
+
+def test_weights_say_what_the_handle_shows(tmp_path, cache):
+    from flowers_fast import config
+    from flowers_fast import model as models
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "saved_model.pb").write_bytes(b"a model")
+    assert models.resolve_handle(str(plain), cache) == (str(plain), "unknown (local)")
+    (plain / config.WEIGHTS_MARKER).write_text("random MobileNetV2, seed 0\n")  # what hubexport writes
+    assert models.resolve_handle(str(plain), cache)[1] == "random"
+    assert config.weights_label(config.HUB_FEATURE_VECTOR) == "pretrained (imagenet)"
+    assert config.weights_label("https://example.org/my/model/1") == "unknown (downloaded)"
+    # A folder as TF Hub caches a download: the descriptor beside it names the URL.
+    hub = tmp_path / "hub" / "0123abcd"
+    hub.mkdir(parents=True)
+    (tmp_path / "hub" / "0123abcd.descriptor").write_text(f"Module: {config.HUB_CLASSIFIER}\nDownload Time: x\n")
+    assert config.weights_label(str(hub)) == "pretrained (imagenet)"
+
+
+def test_featcache_save_is_a_model_predict_loads_and_rows_say_what_ran(tmp_path, small_model, capsys):
+    """Issue 19: featcache --save wrote a head alone (predict refused it); run.json and --json said
+    name tfdata and num_images 3670 for a --data-dir of 8 images; a local handle said pretrained."""
+    import shutil
+
+    from flowers_fast.config import WEIGHTS_MARKER
+
+    handle = tmp_path / "copied-model"
+    shutil.copytree(small_model, handle, ignore=shutil.ignore_patterns(WEIGHTS_MARKER))
+    d = folder(tmp_path / "d")
+    code, out, err = invoke("ff", ["train", "--pipeline", "featcache", "--data-dir", str(d), "--image-size",
+                                   str(SIZE), "--epochs", "1", "--quiet", "--no-breakdown", "--model-handle",
+                                   str(handle), "--save", str(tmp_path / "m"), "--json", str(tmp_path / "row.json")],
+                          capsys)
+    assert code == 0, err
+    assert "frozen backbone with the trained head" in out and "weights unknown (local)" in out
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert (row["name"], row["num_images"], row["data_files"], row["weights"]) == ("featcache", 8, 8,
+                                                                                   "unknown (local)")
+    assert row["data_fingerprint"] == data.fingerprint(data.discover(d))
+    saved = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert (saved["name"], saved["pipeline"], saved["num_images"]) == ("featcache", "featcache", 8)
+    code, out, err = invoke("ff", ["predict", "--checkpoint", str(tmp_path / "m"), str(d / "roses" / "0.jpg")],
+                            capsys)
+    assert code == 0, err
+    assert "2 classes: daisy, roses" in out
+
+
+def test_a_finite_divergence_stops_like_nan(tmp_path, small_model, capsys):
+    """Issue 19: --learning-rate 1e6 ended at test loss 2.6e8 with exit 0; only NaN was caught."""
+    assert train.divergence(2.6e8, 5, "on the test set", 1e6) is not None
+    assert train.divergence(float("nan"), 5, "in epoch 2", 10) is not None
+    assert train.divergence(25.0, 5, "on the test set", 0.1) is None  # lr 0.1: a poor model, not a blow-up
+    code, out, err = invoke("ff", [*T[:-1], str(small_model), "--num-images", "20", "--learning-rate", "1e6"], capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "--learning-rate 1e+06: training diverged" in lines[0] and "over 100x" in lines[0]

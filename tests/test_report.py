@@ -250,3 +250,103 @@ def test_recommend_treats_gaps_below_test_set_noise_as_ties():
     big = df.assign(test_images=100_000)  # a huge test set resolves a 2-point gap
     row, _, _ = recommend(big, "cpu", max_acc_drop=1.0)
     assert row["name"] == "naive"
+
+
+# --- issue 19: rows measured on different data or weights are kept apart ----------------------
+
+def data_run(path, run_id, scale=1.0, **data):
+    """A CPU run of naive, tfdata and featcache on the data ``data`` describes (extra columns kept)."""
+    rows = [row(n, "cpu", acc, total * scale, train, rss) | {"run_id": run_id, **data}
+            for n, acc, total, train, rss in (("naive", 0.80, 100, 30, 3000), ("tfdata", 0.90, 50, 200, 2000),
+                                              ("featcache", 0.895, 20, 500, 1500))]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+SYNTHETIC = dict(dataset="synthetic", num_images=600, data_files=600, data_fingerprint="aaaaaaaaaaaa")
+FOLDER = dict(dataset="flowers", data_dir="d", num_images=21, data_files=21, data_fingerprint="bbbbbbbbbbbb",
+              train_images=15, test_images=6)
+
+
+def bench_run_accepts(command: str) -> None:
+    """``command`` (a printed ``bench run`` line) as bench run's own parser and checks take it."""
+    import shlex
+
+    from bench import run as bench_run
+
+    argv = shlex.split(command)
+    args = bench_cli.build_parser().parse_args(argv[argv.index("run"):])
+    bench_run.sweep_configs(args)  # the checks across flags (e.g. --dataset with --data-dir) raise here
+
+
+def test_recommend_keeps_runs_on_different_data_apart(tmp_path, capsys):
+    a = data_run(tmp_path / "a.csv", "A", **SYNTHETIC)
+    b = data_run(tmp_path / "b.csv", "B", scale=3.0, **FOLDER)
+    assert bench_cli.main(["recommend", "--device", "cpu", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== ") == 2 and out.count("recommended: featcache") == 2
+    # Each recommendation is its own run's medians, not a pool of both (20 s here, 60 s there).
+    assert "(20 s)" in out and "(60 s)" in out
+    commands = [line.strip() for line in out.splitlines() if line.startswith("  python -m bench run")]
+    assert len(commands) == 2
+    assert "--dataset synthetic" in commands[0] and "--data-dir" not in commands[0]
+    assert "--data-dir d" in commands[1] and "--dataset" not in commands[1]
+    for command in commands:
+        bench_run_accepts(command)
+
+
+def test_reproduce_command_of_mixed_settings_is_one_bench_run_accepts():
+    from bench.recommend import command_for
+
+    # What pooling two runs gave: the first run's dataset and the second's data folder.
+    command = command_for(pd.Series(dict(name="tfdata", preset="smoke", dataset="synthetic", data_dir="d", epochs=2,
+                                         batch_size=32, num_images=40, model_handle="random")), "cpu")
+    assert "--dataset" not in command and "--num-images" not in command
+    bench_run_accepts(command)
+    with pytest.raises(UserError, match="--data-dir"):  # the check the old command failed
+        bench_run_accepts(command + " --dataset synthetic")
+
+
+def test_compare_says_when_the_runs_used_different_data(tmp_path, capsys):
+    a = data_run(tmp_path / "a.csv", "A", **SYNTHETIC)
+    b = data_run(tmp_path / "b.csv", "B", **FOLDER)
+    assert bench_cli.main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "note: BASE and NEW were measured on different data" in out and "from d, 21 images" in out
+    verdicts = [line for line in out.splitlines() if line.startswith("   cpu") or line.startswith("cpu")]
+    assert len(verdicts) == 3 and all("different data: dataset synthetic vs flowers" in v for v in verdicts)
+    # The same data on both sides: no such note.
+    c = data_run(tmp_path / "c.csv", "C", **SYNTHETIC)
+    assert bench_cli.main(["compare", str(a), str(c)]) == 0
+    assert "different data" not in capsys.readouterr().out
+
+
+def test_one_run_with_rows_on_two_data_sets_is_two_reports(tmp_path):
+    """What --resume made of a run whose data folder changed before issue 19: one run_id, rows on
+    40 images and rows on 21 (older rows: counts only), a modelonly probe and a failed row."""
+    from bench.report import build
+
+    old = dict(dataset="flowers", data_dir="d", num_images=40, train_images=30, test_images=10)
+    rows = [row("naive", "cpu", 0.8, 100, 30, 3000) | old, row("tfdata", "cpu", 0.9, 50, 200, 2000) | old,
+            row("tfdata", "cpu", 0.7, 20, 200, 2000, repeat=1) | dict(old, train_images=15, test_images=6),
+            row("tfdata-dct", "cpu", None, None, None, None, status="error") | dict(dataset="flowers", data_dir="d")]
+    rows.append(row("tfdata", "cpu", 0.0, 0, 900, 2000) | dict(name="modelonly", pipeline="modelonly",
+                                                                dataset="in-memory", test_accuracy=""))
+    path = tmp_path / "mixed.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    reports = build(load(path))
+    assert len(reports) == 2
+    assert "data flowers from d, 40 images" in reports[0].label and "21 images" in reports[1].label
+    assert reports[0].tables["cpu"].loc["tfdata", "ok"] == 1 and reports[1].tables["cpu"].loc["tfdata", "ok"] == 1
+    for r in reports:  # the rows whose data is unknown or none go with both
+        assert {"modelonly", "tfdata-dct"} <= set(r.tables["cpu"].index)
+    assert "naive" not in reports[1].tables["cpu"].index
+
+
+def test_markdown_says_the_images_used_not_the_images_requested(tmp_path):
+    """Issue 19: a smoke run (--num-images 40) on a data folder of 21 said "40 images requested"."""
+    path = data_run(tmp_path / "d.csv", "D", **(FOLDER | dict(num_images=40, data_files="")))
+    md = tmp_path / "d.md"
+    assert bench_cli.main(["report", str(path), "--markdown", str(md)]) == 0
+    data_line = next(line for line in md.read_text().splitlines() if line.startswith("| data |"))
+    assert "21 images" in data_line and "15 train / 6 test" in data_line and "40" not in data_line
