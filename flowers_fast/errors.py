@@ -90,9 +90,16 @@ def raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def printable(text) -> str:
+    """``text`` (a path, or a message naming one) safe to print or write as UTF-8: the bytes of a
+    file name that is not valid UTF-8 (which Python holds as surrogate escapes, e.g. 'caf\\udce9')
+    shown as ``\\xe9``, as ``ls -b`` would."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def one_line(message: str) -> str:
     """``message`` on one line: a file name may hold a newline, which must not split the error."""
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+    return printable(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
 # python -m <module>  <->  the console script pyproject installs for it

@@ -14,6 +14,7 @@ TensorFlow is imported only when the command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .clikit import add_knob_flags, given_knobs, positive_int
 from .config import HUB_CLASSIFIER, PREDICT, knobs
-from .errors import DataError, ModelError, UserError
+from .errors import DataError, ModelError, UserError, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -78,7 +79,8 @@ def read_image(path: Path, size: int | None = None):
     from .tfkeras import tf
 
     try:
-        image = decode_upright(tf.io.read_file(str(path)), data.exif_orientations([path])[0])
+        # The name as the OS's bytes: one that is not UTF-8 cannot become a tf.string as a str.
+        image = decode_upright(tf.io.read_file(os.fsencode(path)), data.exif_orientations([path])[0])
     except (tf.errors.OpError, ValueError) as exc:
         why = re.sub(r"\{\{.*?\}\}|\s*\[Op:.*", "", getattr(exc, "message", "") or str(exc)).strip().splitlines()
         raise DataError(f"{path}: cannot be decoded as an image ({why[0][:120] if why else type(exc).__name__})") \
@@ -280,7 +282,7 @@ def cmd_predict(args) -> int:
     k = min(args.top, len(result.labels))
     print(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax probabilities")
     for path, p in zip(result.images, result.probs):
-        print(path)
+        print(printable(path))  # a name that is not UTF-8 cannot be printed as it is
         for index, prob in top_k(p, k):
             print(f"  {prob:.4g}  {result.labels[index]}")
     return 0
