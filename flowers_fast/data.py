@@ -34,7 +34,7 @@ class ImageFolder:
 
     @property
     def ignored_images(self) -> int:
-        """Images left out (those in subfolders of class folders)."""
+        """Images left out (beside the class folders, or in their subfolders)."""
         return sum(is_image_name(p) for p in self.ignored)
 
     def __len__(self) -> int:
@@ -138,16 +138,18 @@ def warn(lines, more: str = "", limit: int = 5) -> None:
 
 
 def left_out(dataset: ImageFolder) -> list[str]:
-    """What discovery left out inside the class folders, one line per folder: images in
-    subfolders, files that are not images by their extension. (Files beside the class folders,
-    like flower_photos' LICENSE.txt, are expected and not mentioned.)"""
+    """What discovery left out, one line per folder: images beside the class folders or in their
+    subfolders, files in class folders that are not images by their extension. (Other files
+    beside the class folders, like flower_photos' LICENSE.txt, are expected and not mentioned.)"""
     root, groups = Path(dataset.root), {}
     for path in dataset.ignored:
         parts = Path(path).relative_to(root).parts
         if len(parts) > 1:
             where = Path(*parts[:2]) if len(parts) > 2 else Path(parts[0])
             groups.setdefault((where, len(parts) > 2), []).append(Path(path))
-    lines = []
+    loose = sum(is_image_name(p) for p in dataset.ignored if Path(p).parent == root)
+    lines = [f"{root}/: {loose} images beside the class folders are not read; move each into its class folder"] \
+        if loose else []
     for (where, nested), paths in sorted(groups.items()):
         images = sum(is_image_name(p) for p in paths)
         if nested and images:

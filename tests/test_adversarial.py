@@ -706,6 +706,7 @@ def test_skipped_files_and_images_in_subfolders_are_said_and_counted(tmp_path, s
     (root / "daisy" / "notes.txt").write_text("x")
     (root / "daisy" / "1.jpg").write_text("not an image\n")
     (root / "LICENSE.txt").write_text("x")  # beside the classes, as in flower_photos: expected, not said
+    jpeg(root / "stray.jpg")  # an image beside them is said
     code, row, err = _train_row([a.format(model=small_model) for a in T] + ["--data-dir", str(root), "--pipeline",
                                                                            "naive"], tmp_path, capsys)
     assert code == 0, err
@@ -714,8 +715,10 @@ def test_skipped_files_and_images_in_subfolders_are_said_and_counted(tmp_path, s
         in warnings
     assert any(f"{root}/daisy/: 1 files that are not images by their extension (.txt)" in w for w in warnings)
     assert f"warning: {root}/daisy/1.jpg: cannot be decoded as an image; skipped" in warnings
-    assert len(warnings) == 3 and "LICENSE" not in err
-    assert (row["ignored_files"], row["ignored_images"], row["skipped_files"]) == (4, 2, 1)
+    assert f"warning: {root}/: 1 images beside the class folders are not read; move each into its class folder" \
+        in warnings
+    assert len(warnings) == 4 and "LICENSE" not in err
+    assert (row["ignored_files"], row["ignored_images"], row["skipped_files"]) == (5, 3, 1)
     assert row["train_images"] + row["test_images"] == 5
 
 
