@@ -235,10 +235,15 @@ def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interac
 
     The worker gets one job document (``bench.worker`` reads it): the configuration, where to
     write its result, whether to draw progress bars, the cache folder, the figures folder, and
-    the machine fingerprint its cached per-machine measurements are filed under."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+    the machine fingerprint its cached per-machine measurements are filed under. Its TMPDIR is
+    a folder inside this call's own, so what it leaves there (the tutorial's links, the --cache
+    file cache, whose clean-up a kill at --timeout skips) goes when the call ends, however."""
+    with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as tmp:
         out = Path(tmp) / "result.json"
         job = Path(tmp) / "job.json"
+        scratch = Path(tmp) / "tmp"
+        scratch.mkdir()
+        env = {**env, "TMPDIR": str(scratch)}
         job.write_text(json.dumps({"config": cfg.to_dict(), "result": str(out), "progress": interactive,
                                    "cache": str(cache) if cache else None,
                                    "figures": str(figures) if figures else None, "machine_id": machine_id}))

@@ -11,8 +11,34 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .data import no_images_left
+import os
+
+from .data import gone_error, no_images_left
 from .errors import DataError
+
+
+def imread(path: str):
+    """``cv2.imread(path)``, the notebook's call, for any name the OS accepts. OpenCV takes the
+    name as UTF-8 (one that is not crashes it), so such a file is opened here and OpenCV reads it
+    through /proc/self/fd (the same decoder: a cut JPEG decodes as far as it goes, which
+    ``cv2.imdecode`` refuses); elsewhere, from its bytes."""
+    try:
+        path.encode("utf-8")
+        return cv2.imread(path)
+    except UnicodeEncodeError:  # bytes kept as surrogate escapes by os.listdir
+        pass
+    try:
+        fd = os.open(os.fsencode(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if os.path.isdir("/proc/self/fd"):
+            return cv2.imread(f"/proc/self/fd/{fd}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = np.frombuffer(f.read(), np.uint8)
+        return cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    finally:
+        os.close(fd)
 
 
 def load_images(files, image_size: int = 224, rgb: bool = False, progress: bool = True, strict: bool = False):
@@ -20,8 +46,10 @@ def load_images(files, image_size: int = 224, rgb: bool = False, progress: bool 
     images, kept, skipped = [], [], []
     for i, path in enumerate(tqdm(files, desc="naive: cv2.imread", unit="img", disable=not progress,
                                   leave=False)):
-        img = cv2.imread(str(path))  # BGR, like the notebook; None when OpenCV can't decode it
+        img = imread(str(path))  # BGR, like the notebook; None when OpenCV can't decode it
         if img is None:
+            if not os.path.exists(path):  # deleted since discovery: not a bad image
+                raise gone_error([str(path)])
             if strict:
                 raise DataError(f"{path}: cannot be decoded as an image; remove it or drop --strict to skip it")
             skipped.append(str(path))

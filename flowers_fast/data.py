@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from . import synthetic
 from .config import RunConfig
-from .errors import DataError, OfflineError
+from .errors import DataError, OfflineError, one_line, printable
 from .outputs import temp_dir
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
@@ -20,14 +22,21 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag cameras and phones set instead of rota
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """A discovered dataset: sorted class names, sorted files, their labels."""
+    """A discovered dataset: sorted class names (printable: a folder name that is not UTF-8 shows
+    its bytes escaped), sorted files, their labels."""
 
     root: str
     classes: tuple[str, ...]
     files: tuple[str, ...]
     labels: tuple[int, ...]
     kind: str  # synthetic | flowers | tfds | folder
-    ignored: tuple[str, ...] = field(default=())  # non-image files seen and left out
+    # Every file seen and not read: non-images, and whatever lies in subfolders of class folders.
+    ignored: tuple[str, ...] = field(default=())
+
+    @property
+    def ignored_images(self) -> int:
+        """Images left out (beside the class folders, or in their subfolders)."""
+        return sum(is_image_name(p) for p in self.ignored)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -76,20 +85,29 @@ def discover(root: str | Path, kind: str = "folder", cached: bool = False) -> Im
             raise bad(f"has only one class folder ({inner.name})", "at least 2 are needed")
         files, labels = [], []
         for label, class_dir in enumerate(class_dirs):
-            found = []
+            found, deeper = [], []
             for p in sorted(class_dir.iterdir()):
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
+                if p.name.startswith("."):  # .DS_Store, ._x.jpg, .git: not data
+                    continue
+                if p.is_dir():  # not read (a class is one flat folder), but counted and said
+                    deeper += _files_under(p)
+                elif p.is_file() and is_image_name(p):
                     found.append(str(p))
                 else:
                     ignored.append(str(p))
+            ignored += deeper
             if not found:
+                nested = [p for p in deeper if is_image_name(p)]
+                if nested:
+                    raise bad(f"class folder {class_dir.name}/ has no images of its own, only {len(nested)} in "
+                              f"subfolders (e.g. {nested[0]})", f"move them up into {class_dir}/")
                 raise bad(f"class folder {class_dir.name}/ has no images",
                           f"remove it or add images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             files += found
             labels += [label] * len(found)
     except OSError as exc:  # an unreadable folder (permissions, a network share gone)
         raise bad(f"cannot read {exc.filename or root} ({exc.strerror or exc})", "check its permissions") from None
-    return ImageFolder(str(root), tuple(p.name for p in class_dirs), tuple(files), tuple(labels), kind,
+    return ImageFolder(str(root), tuple(printable(p.name) for p in class_dirs), tuple(files), tuple(labels), kind,
                        tuple(sorted(ignored)))
 
 
@@ -104,6 +122,90 @@ def fingerprint(dataset: ImageFolder) -> str:
     for path in dataset.files:
         digest.update(os.fsencode(os.path.relpath(path, dataset.root)) + b"\0")
     return digest.hexdigest()[:12]
+
+
+def is_image_name(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` at any depth, hidden ones left out (symlinked folders not
+    followed: no loops); an unreadable folder raises, as at the top level."""
+    def fail(exc):
+        raise exc
+
+    out = []
+    for where, dirs, names in os.walk(folder, onerror=fail):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(where, n) for n in sorted(names) if not n.startswith(".")]
+    return out
+
+
+def warn(lines, more: str = "", limit: int = 5) -> None:
+    """Each of ``lines`` on stderr as a warning, up to ``limit``; beyond that one summary line
+    (``more``, formatted with the count left unsaid)."""
+    lines = list(lines)
+    for line in lines[:limit]:
+        print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)
+    if len(lines) > limit:
+        print(f"warning: {one_line(more.format(len(lines) - limit))}", file=sys.stderr, flush=True)
+
+
+def left_out(dataset: ImageFolder) -> list[str]:
+    """What discovery left out, one line per folder: images beside the class folders or in their
+    subfolders, files in class folders that are not images by their extension. (Other files
+    beside the class folders, like flower_photos' LICENSE.txt, are expected and not mentioned.)"""
+    root, groups = Path(dataset.root), {}
+    for path in dataset.ignored:
+        parts = Path(path).relative_to(root).parts
+        if len(parts) > 1:
+            where = Path(*parts[:2]) if len(parts) > 2 else Path(parts[0])
+            groups.setdefault((where, len(parts) > 2), []).append(Path(path))
+    loose = sum(is_image_name(p) for p in dataset.ignored if Path(p).parent == root)
+    lines = [f"{root}/: {loose} images beside the class folders are not read; move each into its class folder"] \
+        if loose else []
+    for (where, nested), paths in sorted(groups.items()):
+        images = sum(is_image_name(p) for p in paths)
+        if nested and images:
+            lines.append(f"{root / where}/: {images} images in subfolders are not read; move them up into "
+                         f"{root / where.parts[0]}/")
+        elif not nested:
+            kinds = ", ".join(sorted({p.suffix.lower() or "no extension" for p in paths}))
+            lines.append(f"{root / where}/: {len(paths)} files that are not images by their extension ({kinds}) "
+                         f"are not read; images must end in {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return lines
+
+
+def gone(files) -> list[str]:
+    """Those of ``files`` that no longer exist."""
+    return [f for f in files if not os.path.exists(f)]
+
+
+def gone_error(missing) -> DataError:
+    """The error when images disappeared after discovery, e.g. deleted while the run trained."""
+    others = f" (nor do {len(missing) - 1} other images)" if len(missing) > 1 else ""
+    return DataError(f"{missing[0]}: no longer exists{others}: deleted or moved while the run was using the data "
+                     "folder; keep it unchanged until the run ends, then run again")
+
+
+def check_kept(dataset: ImageFolder, skipped) -> None:
+    """After a pipeline decoded the split (``skipped``: the files it could not decode): a class
+    left without images is a DataError (``check_classes``); each skipped file is said on stderr."""
+    skipped = list(skipped)
+    check_classes(dataset, skipped)
+    warn((f"{f}: cannot be decoded as an image; skipped" for f in skipped),
+         "... and {} more files that cannot be decoded were skipped (the row's skipped_list names them all)")
+
+
+def check_classes(dataset: ImageFolder, undecodable) -> None:
+    """A DataError naming the first class folder none of whose images decode: the model would
+    silently know one class fewer."""
+    lost = set(undecodable)
+    for label, name in enumerate(dataset.classes):
+        own = [f for f, y in zip(dataset.files, dataset.labels) if y == label]
+        if own and all(f in lost for f in own):
+            raise DataError(f"{Path(own[0]).parent}/: none of its {len(own)} images can be decoded (e.g. {own[0]}), "
+                            f"so class {name} would be left out of the model; replace them, or remove the folder")
 
 
 def exif_orientations(files) -> list[int]:

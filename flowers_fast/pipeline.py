@@ -95,8 +95,21 @@ def _decode(raw, image_size: int, dct: bool, orientation=None):
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def decode_dataset(files, labels, cfg: RunConfig, with_path: bool = False, orientations=None) -> "tf.data.Dataset":
-    """(path, label) -> (uint8 image, label[, path]), in parallel; undecodable files are dropped.
+def file_bytes(files) -> list[bytes]:
+    """File names as TensorFlow must get them: the OS's bytes. (A str holding a name that is not
+    UTF-8, as os.listdir gives it, cannot become a tf.string.) ``path_str`` turns them back."""
+    return [os.fsencode(f) for f in files]
+
+
+def path_str(path: bytes) -> str:
+    """A path that came out of a dataset, as the str ``data.discover`` listed."""
+    return os.fsdecode(path)
+
+
+def decode_dataset(files, labels, cfg: RunConfig, with_path: bool = False, orientations=None,
+                   skip_bad: bool = True) -> "tf.data.Dataset":
+    """(path, label) -> (uint8 image, label[, path as bytes]), in parallel; undecodable files are
+    dropped (``skip_bad=False``: they stop the iteration with TensorFlow's error instead).
 
     ``orientations``: each file's EXIF orientation (read here when not given). Dropped files are
     counted by the caller (compare what came out with what went in)."""
@@ -104,9 +117,9 @@ def decode_dataset(files, labels, cfg: RunConfig, with_path: bool = False, orien
     if orientations is None:
         orientations = data.exif_orientations(files)
     if any(o != 1 for o in orientations):
-        ds = tf.data.Dataset.from_tensor_slices((files, labels, list(orientations)))
+        ds = tf.data.Dataset.from_tensor_slices((file_bytes(files), labels, list(orientations)))
     else:  # nothing to turn (the usual case): no orientation ops at all, so no cost
-        ds = tf.data.Dataset.from_tensor_slices((files, labels))
+        ds = tf.data.Dataset.from_tensor_slices((file_bytes(files), labels))
 
     def load(path, label, orientation=None):
         image = _decode(tf.io.read_file(path), cfg.image_size, cfg.dct_decode, orientation)
@@ -114,7 +127,7 @@ def decode_dataset(files, labels, cfg: RunConfig, with_path: bool = False, orien
 
     ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
     # A corrupt or truncated file must not kill an epoch: drop it here, count it in the first pass.
-    return ds.ignore_errors()
+    return ds.ignore_errors() if skip_bad else ds
 
 
 @dataclass
@@ -144,6 +157,14 @@ def prepare(cfg: RunConfig, split, progress: bool) -> Decoded:
         part_skipped = _first_pass(decoded, files, cfg.strict, progress, part)
         skipped += part_skipped
         counts.append(len(files) - len(part_skipped))
+        if cfg.cache == "none":
+            # Nothing cached: every epoch reads the files again. Only those that decoded, and with
+            # errors kept, so a file deleted mid-run stops the run (train.py names it) instead of
+            # silently shrinking the epochs.
+            dropped = set(part_skipped)
+            keep = [i for i, f in enumerate(files) if f not in dropped]
+            decoded = decode_dataset([files[i] for i in keep], [labels[i] for i in keep], cfg, with_path=True,
+                                     orientations=[orientations[i] for i in keep], skip_bad=False)
         out.append(decoded.map(lambda image, label, path: (image, label)))
     return Decoded(out[0], out[1], counts[0], counts[1], skipped, time.perf_counter() - start, oriented)
 
@@ -153,14 +174,18 @@ def _first_pass(decoded, files, strict: bool, progress: bool, label: str) -> lis
     seen = set()
     for _, _, paths in tqdm(decoded.batch(256), desc=f"{label}: decode+cache", unit="batch", disable=not progress,
                             leave=False):
-        seen.update(p.decode() for p in paths.numpy())
+        seen.update(path_str(p) for p in paths.numpy())
     return undecodable(files, seen, strict, label)
 
 
 def undecodable(files, seen, strict: bool, part: str) -> list[str]:
     """The files of the split's ``part`` (train or test) that did not come out of a decode pass
-    (``seen``: the paths that did): a DataError with --strict, or when none decoded."""
+    (``seen``: the paths that did): a DataError when some no longer exist, with --strict, or when
+    none decoded."""
     skipped = sorted(set(files) - set(seen))
+    missing = data.gone(skipped)
+    if missing:  # deleted since discovery: not bad images
+        raise data.gone_error(missing)
     if skipped and strict:
         raise DataError(f"{skipped[0]}: cannot be decoded as an image ({len(skipped)} such files); remove them or "
                         "drop --strict to skip them")
@@ -240,19 +265,22 @@ def tutorial_datasets(split, classes, cfg: RunConfig, batch_size: int, workdir: 
     ``.cache().prefetch(AUTOTUNE)`` (float32 0..255 images, Rescaling in the model).
 
     It reads a directory, so our split is laid out as symlinked class folders to keep the
-    same train/test files as every other configuration."""
+    same train/test files as every other configuration. The links have short ASCII names (class
+    index, file index, the file's extension), so any name the OS accepts works: one near its
+    length limit, or not UTF-8, which TensorFlow's directory listing cannot take."""
     out = []
+    folders = [f"{k:04d}" for k in range(len(classes))]  # in class order: the labels stay the same
     for part, files, labels in (("train", split.train_files, split.train_labels),
                                 ("test", split.test_files, split.test_labels)):
         root = Path(workdir) / part
-        for name in classes:
+        for name in folders:
             (root / name).mkdir(parents=True, exist_ok=True)
         for i, (f, label) in enumerate(zip(files, labels)):
-            link = root / classes[label] / f"{i:06d}_{Path(f).name}"
+            link = root / folders[label] / f"{i:06d}{Path(f).suffix.lower()}"
             if not link.exists():
                 os.symlink(os.path.abspath(f), link)
         ds = keras.utils.image_dataset_from_directory(
-            str(root), labels="inferred", label_mode="int", class_names=list(classes),
+            str(root), labels="inferred", label_mode="int", class_names=folders,
             image_size=(cfg.image_size, cfg.image_size), batch_size=batch_size,
             shuffle=(part == "train"), seed=cfg.seed)
         out.append(ds.cache().prefetch(AUTOTUNE))

@@ -14,6 +14,7 @@ TensorFlow is imported only when the command runs, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -78,7 +79,8 @@ def read_image(path: Path, size: int | None = None):
     from .tfkeras import tf
 
     try:
-        image = decode_upright(tf.io.read_file(str(path)), data.exif_orientations([path])[0])
+        # The name as the OS's bytes: one that is not UTF-8 cannot become a tf.string as a str.
+        image = decode_upright(tf.io.read_file(os.fsencode(path)), data.exif_orientations([path])[0])
     except (tf.errors.OpError, ValueError) as exc:
         why = re.sub(r"\{\{.*?\}\}|\s*\[Op:.*", "", getattr(exc, "message", "") or str(exc)).strip().splitlines()
         raise DataError(f"{path}: cannot be decoded as an image ({why[0][:120] if why else type(exc).__name__})") \
@@ -282,7 +284,7 @@ def cmd_predict(args) -> int:
     print(printable(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax "
                     "probabilities"))
     for path, p in zip(result.images, result.probs):
-        print(printable(path))  # a newline in a file name must not fake a result line
+        print(printable(path))  # a newline in a name must not fake a result line; a non-UTF-8 name prints
         for index, prob in top_k(p, k):
             print(f"  {prob:.4g}  {printable(result.labels[index])}")
     return 0

@@ -10,8 +10,10 @@ evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, runtime
 from . import model as models
 from .config import RunConfig
-from .errors import DataError, UserError
+from .errors import DataError, UserError, printable
 from .tfkeras import keras, tf
 
 MODELONLY_CLASSES = 5  # modelonly has no dataset: the flowers' five classes
@@ -104,7 +106,8 @@ def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> R
     if runner.needs_data:
         ctx.dataset = data.resolve(cfg, cache)
         ctx.split = data.split(ctx.dataset, cfg.test_fraction, cfg.seed)
-        ctx.row["ignored_files"] = len(ctx.dataset.ignored)
+        ctx.row.update(ignored_files=len(ctx.dataset.ignored), ignored_images=ctx.dataset.ignored_images)
+        data.warn(data.left_out(ctx.dataset), "... and {} more folders with files that are not read")
         # What the row was measured on (bench.results.DATA): the images found, not --num-images
         # (which only sizes the synthetic set), and which files they were.
         ctx.row.update(num_images=len(ctx.dataset), data_files=len(ctx.dataset),
@@ -217,8 +220,9 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     timer = metrics.EpochTimer()
     bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
     try:
-        _fit(model, cfg, train_x, train_y, batch_size,
-             [timer, bar, _StopOnDivergence(cfg.learning_rate, ctx.num_classes)])
+        with _files_stay(ctx):
+            _fit(model, cfg, train_x, train_y, batch_size,
+                 [timer, bar, _StopOnDivergence(cfg.learning_rate, ctx.num_classes)])
     finally:
         bar.close()  # an error message then starts on its own line
     times = timer.times
@@ -232,7 +236,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     row["epoch_times_s"] = " ".join(f"{t:.3f}" for t in times)
 
     start = time.perf_counter()
-    loss, acc = model.evaluate(test_x, test_y, batch_size=batch_size, verbose=0)
+    with _files_stay(ctx):
+        loss, acc = model.evaluate(test_x, test_y, batch_size=batch_size, verbose=0)
     error = divergence(loss, ctx.num_classes, "on the test set", cfg.learning_rate)
     if error:  # training's last epoch looked sane, the weights it ended with do not
         raise error
@@ -242,10 +247,24 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
         # The job's memory, before the breakdown's measurements (e.g. featcache's TensorFlow reference).
         row["peak_rss_mb"] = metrics.peak_rss_mb()
         return np.zeros(0, int), np.zeros(0, int)
-    y_pred = np.argmax(model.predict(test_x, batch_size=batch_size, verbose=0), axis=-1)
+    with _files_stay(ctx):
+        y_pred = np.argmax(model.predict(test_x, batch_size=batch_size, verbose=0), axis=-1)
     row["peak_rss_mb"] = metrics.peak_rss_mb()
     y_true = np.asarray(test_y) if test_y is not None else np.concatenate([y.numpy() for _, y in test_x])
     return y_true, y_pred
+
+
+@contextlib.contextmanager
+def _files_stay(ctx: RunContext):
+    """Where datasets that read the image files run (with --cache none, every epoch): a file
+    deleted meanwhile ends the run as one DataError naming it, not as TensorFlow's error."""
+    try:
+        yield
+    except tf.errors.OpError:
+        missing = data.gone(ctx.split.train_files + ctx.split.test_files) if ctx.split else []
+        if missing:
+            raise data.gone_error(missing) from None
+        raise
 
 
 def _fit(model, cfg: RunConfig, train_x, train_y, batch_size, callbacks) -> None:
@@ -288,10 +307,11 @@ def _record_prep(ctx: RunContext, seconds: float, n_train: int, n_test: int, ski
     """Preparation facts for the row. ``oriented``: files whose EXIF orientation asks for a turn
     (counted here, untimed, when the pipeline did not read it itself); ``exif``: whether this
     pipeline turns them upright (``applied``) or uses the pixels as stored (``ignored``)."""
+    data.check_kept(ctx.dataset, skipped)  # before training: a whole class gone is an error, skips are said
     if oriented is None:
         oriented = sum(o != 1 for o in data.exif_orientations(ctx.split.train_files + ctx.split.test_files))
     ctx.row.update(data_prep_s=seconds, train_images=n_train, test_images=n_test, skipped_files=len(skipped),
-                   skipped_list=";".join(skipped), channel_order=channels, exif_oriented_files=oriented,
+                   skipped_list=";".join(map(printable, skipped)), channel_order=channels, exif_oriented_files=oriented,
                    exif_orientation=exif)
 
 
@@ -321,12 +341,13 @@ def _run_tutorial(ctx: RunContext) -> RunResult:
         train_ds, test_ds = pipeline.tutorial_datasets(split, ctx.dataset.classes, cfg, ctx.global_batch, Path(work))
         # Fill the cache (the tutorial's first epoch would); counts as data preparation.
         try:
-            n_train = sum(int(tf.shape(x)[0]) for x, _ in train_ds)
-            n_test = sum(int(tf.shape(x)[0]) for x, _ in test_ds)
+            with _files_stay(ctx):
+                n_train = sum(int(tf.shape(x)[0]) for x, _ in train_ds)
+                n_test = sum(int(tf.shape(x)[0]) for x, _ in test_ds)
         except tf.errors.InvalidArgumentError:
             # The tutorial's loader stops at the first undecodable file (ours skips and counts);
             # TensorFlow does not say which file, so find them.
-            raise _tutorial_decode_error(split.train_files + split.test_files) from None
+            raise _tutorial_decode_error(ctx.dataset, split.train_files + split.test_files) from None
         prep = time.perf_counter() - start
         # TF's loader uses the pixels as stored: EXIF orientation ignored, unlike cv2 and our tf.data.
         _record_prep(ctx, prep, n_train, n_test, [], "RGB", exif="ignored")
@@ -334,14 +355,16 @@ def _run_tutorial(ctx: RunContext) -> RunResult:
         return _train_on_datasets(ctx, train_ds, test_ds, n_train, n_test, prep, "float255")
 
 
-def _tutorial_decode_error(files) -> DataError:
-    """Which of ``files`` the tutorial's loader (``tf.io.decode_image``) cannot decode, as one error."""
+def _tutorial_decode_error(dataset: data.ImageFolder, files) -> DataError:
+    """Which of ``files`` the tutorial's loader (``tf.io.decode_image``) cannot decode, as one
+    error (a class none of whose images decode is named as that)."""
     bad = []
     for path in files:
         try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            tf.io.decode_image(tf.io.read_file(os.fsencode(path)), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError):
             bad.append(path)
+    data.check_classes(dataset, bad)
     first = bad[0] if bad else "an image"
     return DataError(f"{first}: cannot be decoded as an image by the tutorial's loader ({len(bad)} such files), "
                      "which stops at them; remove them, or use --pipeline tfdata, which skips and counts them")
@@ -401,7 +424,7 @@ def _stream_features(ctx: RunContext, eng: engine.Engine, files, labels, part: s
     start = time.perf_counter()
     out = eng.run(batches)
     seconds = time.perf_counter() - start
-    kept = tuple(p.decode() for _, (_, paths) in out for p in paths)
+    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)
     pipeline.undecodable(files, kept, cfg.strict, part)
     dim = ctx.backbone.feature_dim
     feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, dim), np.float32)

@@ -264,6 +264,36 @@ def _rename_image(rel: str):
     return step
 
 
+NOT_UTF8 = os.fsdecode(b"\xe9")  # how os.listdir gives the byte 0xE9 of a Latin-1 name: a surrogate escape
+
+
+def _name_not_utf8(root: Path, image: bool = True) -> Path:
+    """A class folder whose first image is renamed ``b'caf\\xe9.jpg'`` (not UTF-8), and broken
+    unless ``image``; returns its path."""
+    folder(root)
+    path = root / "daisy" / f"caf{NOT_UTF8}.jpg"
+    (root / "daisy" / "0.jpg").rename(path)
+    if not image:
+        path.write_text("not an image\n")
+    return path
+
+
+def _class_undecodable(root: Path, name: str = "tulips") -> None:
+    """Three class folders; every image of ``name`` cannot be decoded."""
+    folder(root, ("daisy", "roses", "tulips"))
+    for f in (root / name).iterdir():
+        f.write_text("not an image\n")
+
+
+def _images_in_subfolder(root: Path, name: str, every: int = 2) -> Path:
+    """Every ``every``-th image of class folder ``name`` moved into its subfolder ``2024/``."""
+    sub = root / name / "2024"
+    sub.mkdir()
+    for f in sorted((root / name).glob("*.jpg"))[::every]:
+        f.rename(sub / f.name)
+    return root
+
+
 T = ("train", "--image-size", str(SIZE), "--epochs", "1", "--quiet", "--model-handle", "{model}")
 TD = T + ("--data-dir",)  # + a folder
 RESULTS = "{ws}/results/run-20260101-000000.csv"
@@ -490,6 +520,20 @@ CASES = [
     Case("resume-weights-now-random", ("run", "--resume", "{ws}/r/run-1.csv"), 3, "--resume {ws}/r/run-1.csv",
          "weights unknown (local) vs random", setup=_data_dir_run("r", "d", handle="{ws}/m", marker=True),
          tool="bench"),
+
+
+    # --- issue 19: data (names that are not UTF-8, odd data, silent loss)
+    *(Case(f"class-all-undecodable-{p}", TD + ("{ws}/d", "--pipeline", p), 3, "{ws}/d/tulips/", "none of its 4 images",
+           setup=lambda ws, mp: _class_undecodable(ws / "d")) for p in ("naive", "tutorial", "tfdata", "featcache")),
+    *(Case(f"strict-name-not-utf8-{p}", TD + ("{ws}/d", "--pipeline", p, "--strict"), 3, "caf\\xe9.jpg",
+           "cannot be decoded", setup=lambda ws, mp: _name_not_utf8(ws / "d", image=False))
+      for p in ("naive", "tfdata", "featcache")),
+    Case("undecodable-tutorial-name-not-utf8", TD + ("{ws}/d", "--pipeline", "tutorial"), 3, "caf\\xe9.jpg",
+         "tutorial's loader", setup=lambda ws, mp: _name_not_utf8(ws / "d", image=False)),
+    Case("predict-name-not-utf8-undecodable", ("predict", "{ws}/caf" + NOT_UTF8 + ".jpg"), 3, "{ws}/caf\\xe9.jpg",
+         "cannot be decoded", setup=_write("caf" + NOT_UTF8 + ".jpg", "not an image\n")),
+    Case("class-images-only-in-subfolder", TD + ("{ws}/d",), 3, "tulips/", "move them up into {ws}/d/tulips/",
+         setup=lambda ws, mp: _images_in_subfolder(folder(ws / "d", ("daisy", "roses", "tulips")), "tulips", every=1)),
 ]
 assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
@@ -967,3 +1011,147 @@ def test_a_finite_divergence_stops_like_nan(tmp_path, small_model, capsys):
     assert code == 2 and "Traceback" not in err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and "--learning-rate 1e+06: training diverged" in lines[0] and "over 100x" in lines[0]
+
+
+# --- issue 19: data (names that are not UTF-8, odd data, silent loss, leftovers) -----------------
+
+LONG_NAME = "x" * 251 + ".jpg"  # 255 bytes: the longest name Linux accepts
+
+
+def _train_row(argv, tmp_path, capsys) -> tuple[int, dict, str]:
+    """``train ARGV --json`` in this process: (exit code, the row, stderr)."""
+    out = tmp_path / f"row-{len(list(tmp_path.glob('row-*')))}.json"
+    code, _, err = invoke("ff", [*argv, "--json", str(out)], capsys)
+    return code, (json.loads(out.read_text()) if out.exists() else {}), err
+
+
+@pytest.mark.parametrize("pipeline", ["naive", "tutorial", "tfdata", "featcache"])
+def test_names_not_utf8_or_at_the_length_limit_are_read_by_every_pipeline(pipeline, tmp_path, small_model, cache,
+                                                                         capsys):
+    root = tmp_path / "d"
+    odd = _name_not_utf8(root)
+    (root / "roses" / "0.jpg").rename(root / "roses" / LONG_NAME)
+    code, row, err = _train_row([a.format(model=small_model) for a in T] + ["--data-dir", str(root), "--pipeline",
+                                                                           pipeline], tmp_path, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert row["train_images"] + row["test_images"] == 8 and row["skipped_files"] == 0, row
+    assert odd.exists()
+
+
+def test_a_name_not_utf8_gives_the_same_pixels_in_every_reader(tmp_path):
+    """The naive loader reads it with cv2.imread's own decoder (a cut JPEG too), tf.data and
+    predict through its bytes; each matches the same file under a plain name."""
+    from flowers_fast import baseline, pipeline
+    from flowers_fast.config import RunConfig
+    from flowers_fast.predict import read_image
+
+    files = _odd_images(tmp_path)
+    for kind in ("exif-orientation-6.jpg", "truncated.jpg", "png-named.jpg"):
+        plain = files[kind]
+        odd = plain.with_name(f"caf{NOT_UTF8}-{kind}")
+        odd.write_bytes(plain.read_bytes())
+        naive, kept, skipped = baseline.load_images([str(plain), str(odd)], SIZE, rgb=True, progress=False)
+        assert list(kept) == [0, 1] and (naive[0] == naive[1]).all(), kind
+        ds = pipeline.decode_dataset([str(plain), str(odd)], [0, 0], RunConfig(image_size=SIZE), with_path=True)
+        (a, _, pa), (b, _, pb) = ds.as_numpy_iterator()
+        assert (a == b).all() and pipeline.path_str(pb) == str(odd), kind
+        assert (np.asarray(read_image(plain)) == np.asarray(read_image(odd))).all(), kind
+
+
+def test_predict_prints_a_name_not_utf8_escaped(tmp_path, monkeypatch, capsys):
+    from flowers_fast import predict
+
+    path = tmp_path / f"caf{NOT_UTF8}.jpg"
+    result = predict.Predictions([path], np.asarray([[0.25, 0.75]]), ["a", "b"], "m", "tf", "float32")
+    monkeypatch.setattr(predict, "predict", lambda *a, **k: result)
+    code, out, err = invoke("ff", ["predict", str(path)], capsys)
+    assert code == 0 and f"{tmp_path}/caf\\xe9.jpg\n" in out, err
+
+
+def test_skipped_files_and_images_in_subfolders_are_said_and_counted(tmp_path, small_model, cache, capsys):
+    root = _images_in_subfolder(folder(tmp_path / "d"), "roses")  # 2 of roses' 4 images in roses/2024/
+    (root / "daisy" / "notes.txt").write_text("x")
+    (root / "daisy" / "1.jpg").write_text("not an image\n")
+    (root / "LICENSE.txt").write_text("x")  # beside the classes, as in flower_photos: expected, not said
+    jpeg(root / "stray.jpg")  # an image beside them is said
+    code, row, err = _train_row([a.format(model=small_model) for a in T] + ["--data-dir", str(root), "--pipeline",
+                                                                           "naive"], tmp_path, capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert f"warning: {root}/roses/2024/: 2 images in subfolders are not read; move them up into {root}/roses/" \
+        in warnings
+    assert any(f"{root}/daisy/: 1 files that are not images by their extension (.txt)" in w for w in warnings)
+    assert f"warning: {root}/daisy/1.jpg: cannot be decoded as an image; skipped" in warnings
+    assert f"warning: {root}/: 1 images beside the class folders are not read; move each into its class folder" \
+        in warnings
+    assert len(warnings) == 4 and "LICENSE" not in err
+    assert (row["ignored_files"], row["ignored_images"], row["skipped_files"]) == (5, 3, 1)
+    assert row["train_images"] + row["test_images"] == 5
+
+
+def test_many_skipped_files_end_in_one_summary_line(capsys):
+    files = tuple(f"/d/{c}/{i}.jpg" for c in ("a", "b") for i in range(9))
+    ds = data.ImageFolder("/d", ("a", "b"), files, (0,) * 9 + (1,) * 9, "folder")
+    data.check_kept(ds, files[1:9] + files[10:])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 6 and err[0] == "warning: /d/a/1.jpg: cannot be decoded as an image; skipped"
+    assert err[-1].startswith("warning: ... and 11 more files that cannot be decoded were skipped")
+
+
+@pytest.mark.parametrize("pipeline,when", [("naive", "before"), ("tutorial", "before"), ("tfdata", "before"),
+                                          ("featcache", "before"), ("tfdata", "training"), ("tutorial", "training")])
+def test_images_deleted_mid_run_end_in_one_line_naming_one(pipeline, when, tmp_path, small_model, cache, capsys,
+                                                           monkeypatch):
+    """``before``: between discovery and the pipeline's read (featcache's stream, tf.data's first
+    pass); ``training``: after the first pass, while --cache none reads the files every epoch."""
+    from flowers_fast import pipeline as pipelines
+
+    root = folder(tmp_path / "d")
+    victim = root / "roses" / "2.jpg"
+    if when == "before":
+        split = data.split
+        monkeypatch.setattr(data, "split", lambda *a, **k: (split(*a, **k), victim.unlink())[0])
+    else:
+        prepare, build = pipelines.prepare, pipelines.tutorial_datasets
+        monkeypatch.setattr(pipelines, "prepare", lambda *a, **k: (prepare(*a, **k), victim.unlink())[0])
+        monkeypatch.setattr(pipelines, "tutorial_datasets", lambda *a, **k: (build(*a, **k), victim.unlink())[0])
+    argv = [a.format(model=small_model) for a in T] + ["--data-dir", str(root), "--pipeline", pipeline, "--cache",
+                                                       "none", "--epochs", "2"]
+    code, out, err = invoke("ff", argv, capsys)
+    assert code == 3 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"{victim}: no longer exists" in lines[0] and "deleted or moved" in lines[0], err
+
+
+@pytest.mark.parametrize("pipeline,leftover", [("tutorial", "flowers_fast_tutorial_*/train/0000/*.jpg"),
+                                               ("tfdata", "flowers_fast_tfdata_*/train*")])
+def test_a_worker_killed_at_timeout_leaves_no_temporary_folder(pipeline, leftover, tmp_path, small_model, cache,
+                                                               monkeypatch):
+    """bench kills a worker at --timeout with SIGKILL, which skips its clean-up: its temporary
+    folders live in a TMPDIR that run_one removes. The timeout fires once the worker has made
+    them (a real worker, killed the real way)."""
+    import tempfile
+
+    from flowers_fast.config import RunConfig
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    seen = []
+    wait = subprocess.Popen.wait
+
+    def wait_until_made(proc, timeout=None):
+        if timeout is None:
+            return wait(proc)
+        deadline = time.monotonic() + 180
+        while not seen and time.monotonic() < deadline and proc.poll() is None:
+            seen.extend((tmp_path / "tmp").glob(f"bench-*/tmp/{leftover}"))
+            time.sleep(0.2)
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait_until_made)
+    cfg = RunConfig(name=pipeline, pipeline=pipeline, data_dir=str(folder(tmp_path / "d")), image_size=SIZE,
+                    epochs=100000, cache="file", model_handle=str(small_model), breakdown=False)
+    row = bench_run.run_one(cfg, 1.0, tmp_path / "w.log", dict(os.environ), worker="bench.worker")
+    assert seen, (tmp_path / "w.log").read_text()[-2000:]
+    assert row["status"] == "timeout"
+    assert list((tmp_path / "tmp").iterdir()) == []
