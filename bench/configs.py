@@ -28,6 +28,7 @@ _ALL = [
     # The feature pass on OpenVINO (CPU only); bf16 only where the CPU has it natively, else a skipped row.
     RunConfig(name="featcache-ov", pipeline="featcache", engine="openvino"),
     RunConfig(name="featcache-ov-bf16", pipeline="featcache", engine="openvino", precision="mixed"),
+    RunConfig(name="featcache-ov-int8", pipeline="featcache", engine="openvino", precision="int8"),
     # Model alone on in-memory tensors (tf_cnn_benchmarks' synthetic mode): a few steps, no data.
     RunConfig(name="modelonly", pipeline="modelonly"),
     RunConfig(name="modelonly-mixed", pipeline="modelonly", precision="mixed"),

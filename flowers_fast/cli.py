@@ -48,7 +48,8 @@ def write_folder(path: Path, flag: str, write) -> None:
 
 def _print_table(row: dict) -> None:
     keys = ["pipeline", "device", "dataset", "weights", "compute_dtype", "mixed_route", "engine", "onednn_enabled",
-            "train_images", "test_images", "skipped_files", "data_prep_s", "engine_setup_s", "feature_pass_s",
+            "train_images", "test_images", "skipped_files", "data_prep_s", "engine_setup_s", "quantize_s",
+            "quantized_reused", "feature_cosine_vs_fp32", "feature_cosine_on", "feature_pass_s",
             "feature_pass_img_s", "features_reused", "first_epoch_s", "steady_epoch_s", "train_img_s", "total_s",
             "test_accuracy", "test_loss", "peak_rss_mb"]
     keys = [k for k in keys if k in row and row[k] != ""]

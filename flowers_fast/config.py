@@ -19,7 +19,7 @@ from .errors import UserError, invoked
 PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "modelonly")
 DATASETS = ("synthetic", "flowers", "tfds")
 DEVICES = ("cpu", "gpu")
-PRECISIONS = ("fp32", "mixed")
+PRECISIONS = ("fp32", "mixed", "int8")
 ENGINES = ("tf", "openvino")
 ONEDNN = ("auto", "on", "off")
 STRATEGIES = ("default", "mirrored", "multiworker")
@@ -82,8 +82,15 @@ class RunConfig:
                              "a local Hub SavedModel folder, or 'random' (built-in offline MobileNetV2)",
                              group="model", metavar="URL|PATH")
     fine_tune: bool = knob(False, "train the backbone too (default: frozen)", where=(TRAIN,), group="model")
-    precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions",
-                          choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
+    precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions; int8 = "
+                          "OpenVINO after NNCF's post-training quantization (--engine openvino), calibrated on "
+                          "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
+    calibration_images: int = knob(256, "--precision int8: how many training images (a seeded sample) calibrate "
+                                   "the quantization; as many others check its features", minimum=8, maximum=10000,
+                                   where=(TRAIN, PREDICT), group="model")
+    int8_min_cosine: float = knob(0.95, "--precision int8: the least feature cosine vs float32, on held-out training "
+                                  "images, that a quantized model must keep; below it the run stops (a skipped row)",
+                                  minimum=0.0, maximum=1.0, where=(TRAIN,), group="model")
     engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
                        "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
                        "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model")
@@ -152,6 +159,9 @@ class RunConfig:
                                 f"--device {self.device}")
             if self.xla_backbone:
                 raise UserError("--xla-backbone compiles TensorFlow's feature pass; drop it with --engine openvino")
+        if self.precision == "int8" and self.engine != "openvino":
+            raise UserError("--precision int8 runs on OpenVINO after NNCF's quantization; add --engine openvino "
+                            "(--pipeline featcache)")
         if self.fine_tune and self.pipeline == "featcache":
             raise UserError("--pipeline featcache needs a frozen backbone; drop --fine-tune or use --pipeline tfdata")
 

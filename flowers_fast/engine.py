@@ -29,8 +29,10 @@ import numpy as np
 from .errors import UnsupportedError
 
 # OpenVINO's element type names -> the dtype names used everywhere else in the row.
-_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-_HINTS = {"fp32": "f32", "mixed": "bf16"}  # --precision -> INFERENCE_PRECISION_HINT
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "u8": "int8", "i8": "int8"}
+# --precision -> INFERENCE_PRECISION_HINT. int8: the quantized model's FakeQuantize operations put
+# its convolutions in int8; what is left (a few element-wise operations) stays float32.
+_HINTS = {"fp32": "f32", "mixed": "bf16", "int8": "f32"}
 _CORE = None
 
 
@@ -90,16 +92,18 @@ class Engine:
         return self.call(batch)
 
 
-def make(name: str, fn, precision: str = "fp32", compute_dtype: str = "float32") -> Engine:
+def make(name: str, fn, precision: str = "fp32", compute_dtype: str = "float32", model=None) -> Engine:
     """An engine for ``fn`` (a ``tf.function`` with an ``input_signature``). ``precision`` is the
-    --precision knob; for ``tf`` the function already carries its precision (``compute_dtype``)."""
+    --precision knob; for ``tf`` the function already carries its precision (``compute_dtype``).
+    ``model``: OpenVINO only, an ``openvino.Model`` of ``fn`` to run instead of converting it
+    (the quantized one, for int8)."""
     if name == "tf":
         def call(batch):
             return fn(batch).numpy()
 
         return Engine("tf", compute_dtype, 0.0, call, lambda batches: [(call(b), m) for b, m in batches])
     if name == "openvino":
-        return _openvino(fn, precision)
+        return _openvino(fn, precision, model)
     raise ValueError(name)
 
 
@@ -147,11 +151,11 @@ def _details(compiled) -> dict:
     return out
 
 
-def _openvino(fn, precision: str) -> Engine:
+def _openvino(fn, precision: str, model=None) -> Engine:
     ov = import_openvino()
     check_precision(precision)
     start = time.perf_counter()
-    compiled = compile_model(convert(fn), precision)
+    compiled = compile_model(convert(fn) if model is None else model, precision)
     setup = time.perf_counter() - start
     request = compiled.create_infer_request()
     jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))

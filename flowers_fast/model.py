@@ -42,6 +42,7 @@ ALIASES = {
 
 
 NATIVE, GRAPPLER_FP16, GRAPPLER_BF16, OPENVINO_BF16 = "native", "grappler-fp16", "grappler-onednn-bf16", "openvino-bf16"
+OPENVINO_INT8 = "openvino-int8"
 
 
 @dataclass
@@ -144,8 +145,9 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     if cfg.precision == "fp32":
         return Backbone(hub_layer, handle, weights, "float32", dim, "", hub_layer, 1.0)
     if cfg.engine == "openvino":
-        # OpenVINO converts the float32 Hub function and lowers the precision itself.
-        return Backbone(hub_layer, handle, weights, "float32", dim, OPENVINO_BF16, hub_layer)
+        # OpenVINO converts the float32 Hub function and lowers the precision itself (int8: NNCF).
+        route = OPENVINO_INT8 if cfg.precision == "int8" else OPENVINO_BF16
+        return Backbone(hub_layer, handle, weights, "float32", dim, route, hub_layer)
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}")
     except NotMappable as exc:

@@ -239,6 +239,9 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
 
     if engine == "tf" and precision == "mixed":
         raise UserError("--precision mixed: predict runs reduced precision on --engine openvino (bf16 on CPUs with it)")
+    if precision == "int8":  # its calibration needs training images, which predict does not have
+        raise UserError("--precision int8: predict does not quantize yet (featcache's train --precision int8 "
+                        "does); use --precision fp32 or mixed")
     if engine == "openvino":
         engines.check_precision(precision)  # before loading anything
     images = check_images([str(i) for i in images])
