@@ -86,11 +86,12 @@ class RunConfig:
                           "OpenVINO after NNCF's post-training quantization (--engine openvino), calibrated on "
                           "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
     calibration_images: int = knob(256, "--precision int8: how many training images (a seeded sample) calibrate "
-                                   "the quantization; as many others check its features", minimum=8, maximum=10000,
-                                   where=(TRAIN, PREDICT), group="model")
+                                   "the quantization (at most half the training split; up to 64 others check "
+                                   "its features)",
+                                   minimum=8, maximum=10000, group="model")
     int8_min_cosine: float = knob(0.95, "--precision int8: the least feature cosine vs float32, on held-out training "
                                   "images, that a quantized model must keep; below it the run stops (a skipped row)",
-                                  minimum=0.0, maximum=1.0, where=(TRAIN,), group="model")
+                                  minimum=0.0, maximum=1.0, group="model")
     engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
                        "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
                        "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model")
