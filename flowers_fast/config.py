@@ -89,6 +89,10 @@ class RunConfig:
                                    "the quantization (at most half the training split; up to 64 others check "
                                    "its features)",
                                    minimum=8, maximum=10000, group="model")
+    reuse_quantized: bool = knob(True, "--precision int8: load the quantized model an earlier run stored under the "
+                                 "same key (model, size, versions, calibration files) instead of quantizing again; "
+                                 "bench's featcache-ov-int8 turns it off, so that every repeat times its quantization",
+                                 group="model")
     int8_min_cosine: float = knob(0.95, "--precision int8: the least feature cosine vs float32, on held-out training "
                                   "images, that a quantized model must keep; below it the run stops (a skipped row)",
                                   minimum=0.0, maximum=1.0, group="model")

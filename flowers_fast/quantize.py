@@ -108,7 +108,7 @@ def quantized_model(convert, cfg: RunConfig, cache: Path, fingerprint: str, file
     ``save`` once it has passed its check."""
     digest, parts = key(cfg, fingerprint, files)
     start = time.perf_counter()
-    stored = load(cache, digest)
+    stored = load(cache, digest) if cfg.reuse_quantized else None
     if stored is not None:
         return Quantized(stored[0], time.perf_counter() - start, True, len(files), stored[1])
     model = quantize(convert(), list(batches()))

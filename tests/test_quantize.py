@@ -44,6 +44,12 @@ def test_a_second_run_reuses_the_stored_model(rows):
     assert second["test_accuracy"] == pytest.approx(first["test_accuracy"])
 
 
+def test_without_reuse_every_run_quantizes(int8_cfg, rows):
+    _, _, store = rows
+    row = train.run(int8_cfg.replace(reuse_quantized=False), store, progress=False).row
+    assert row["quantized_reused"] is False and row["quantize_s"] > 0
+
+
 def test_features_that_drift_too_far_stop_the_run_and_are_not_stored(int8_cfg, tmp_path):
     with pytest.raises(UnsupportedError, match=r"--int8-min-cosine 1.0.*--calibration-images") as err:
         train.run(int8_cfg.replace(int8_min_cosine=1.0), tmp_path, progress=False)
