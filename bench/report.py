@@ -29,6 +29,7 @@ import pandas as pd
 
 from flowers_fast.errors import OutputError, UserError, invoked
 
+from . import tracking
 from .plots import write_plots
 from .results import DEFAULT_CSV, devices, formatted, groups, load, machine_label, medians, num, text, truthy, values
 
@@ -367,6 +368,7 @@ def cmd_report(args) -> int:
         if target and any(Path(target).exists() and Path(target).resolve() == p.resolve() for p in paths):
             raise OutputError(f"{flag} {target}: is one of the CSVs being reported; pass another file name "
                               "(nothing is overwritten)")
+    tb, target = tracking.check_flags(args, paths[0].parent)  # before anything is written
     plot_dir = paths[0].parent if args.plot else None
     written = write_reports(paths, markdown=Path(args.markdown) if args.markdown else None,
                             html=Path(args.html) if args.html else None, plot_dir=plot_dir,
@@ -375,7 +377,7 @@ def cmd_report(args) -> int:
         print("\nwritten: " + ", ".join(str(p) for p in written))
     elif args.plot:
         print("\nplots: none (no successful runs)")
-    return 0
+    return tracking.export(df, tb, target, artifacts=written + paths)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -389,5 +391,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write PNG charts beside the first CSV")
     p.add_argument("--pool", action="store_true", help="treat rows of different machines and runs as repeats of "
                                                        "one another (default: a report per machine and run)")
+    tracking.add_flags(p)
     p.set_defaults(func=cmd_report)
     return p

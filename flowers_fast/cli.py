@@ -112,6 +112,8 @@ def cmd_train(args) -> int:
                               "overwritten)")
     if args.json:
         check_output_folder(Path(args.json).expanduser().parent, "--json")
+    if cfg.profile:
+        check_output_folder(Path(cfg.profile).expanduser(), "--profile")
     from . import runtime
 
     runtime.setup(cfg)
