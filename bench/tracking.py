@@ -85,6 +85,15 @@ def _curve(value) -> list[float]:
     return [v for v in values if v is not None]
 
 
+def _epoch_ms(value) -> int | None:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(str(value)).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
 def _plain(value):
     """A CSV cell as an hparam/param value: bool, int, float or text."""
     if isinstance(value, str) and value in ("True", "False"):
@@ -131,6 +140,7 @@ def write_tensorboard(df: pd.DataFrame, logdir) -> list[Path]:
     """One TensorBoard run per row under ``logdir/<run_id>-<machine_id>/<config>-<device>-r<repeat>``:
     its hparams (identity and the knobs that differ across ``df``), its figures as scalars at step 0
     (the HParams dashboard's metrics) and its epoch curves as scalars by epoch. Returns the run folders."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow only writes files here: not its CUDA probe's error
     from tensorboard.plugins.hparams import api as hp
 
     from flowers_fast.tfkeras import tf
@@ -252,8 +262,12 @@ class MlflowUnreachable(OutputError):
 def _log_mlflow(rows, target, artifacts, experiment) -> tuple[int, int]:
     import time
 
+    import logging
+
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines (a new database's set-up)
 
     client = MlflowClient(tracking_uri=target.uri)
     found = client.get_experiment_by_name(experiment)
@@ -271,8 +285,11 @@ def _log_mlflow(rows, target, artifacts, experiment) -> tuple[int, int]:
                      "mlflow.source.git.commit": str(row.get("git_commit", "")), "mlflow.runName": row_name(row)})
         if "profile_trace" in row:
             tags["profile_trace"] = str(row["profile_trace"])
-        stamp = int(time.time() * 1000)
-        run = client.create_run(exp_id, run_name=row_name(row), tags=tags)
+        # The run's times are the configuration's (started at its timestamp, as long as its worker ran),
+        # not those of this export.
+        start = _epoch_ms(row.get("timestamp")) or int(time.time() * 1000)
+        stamp = start + int(1000 * (_number(row.get("subprocess_s")) or 0.0))
+        run = client.create_run(exp_id, start_time=start, run_name=row_name(row), tags=tags)
         run_id = run.info.run_id
         params = [Param(k, str(_plain(row[k]))[:6000]) for k in sorted(knobs) if k in row]
         metrics = [Metric(k, v, stamp, 0) for k, v in figures(row).items()]
@@ -285,7 +302,7 @@ def _log_mlflow(rows, target, artifacts, experiment) -> tuple[int, int]:
         log = Path(str(row.get("source", ""))).parent / "logs" / str(row.get("run_id", "")) / f"{row_name(row)}.log"
         if row.get("source") and log.is_file():
             client.log_artifact(run_id, str(log), "log")
-        client.set_terminated(run_id, MLFLOW_STATUS.get(str(row.get("status", "")), "FAILED"))
+        client.set_terminated(run_id, MLFLOW_STATUS.get(str(row.get("status", "")), "FAILED"), end_time=stamp)
         logged += 1
     return logged, already
 

@@ -383,6 +383,16 @@ CASES = [
          setup=_split_part_undecodable("d")),
     Case("strict-newline-in-file-name", TD + ("{ws}/d", "--strict"), 3, "bad\\nname.jpg",
          setup=_split_part_undecodable("d", name="bad\nname.jpg")),
+    # --- issue 23: TensorBoard, profiler and MLflow destinations (more in tests/test_tracking.py)
+    Case("train-profile-is-a-file", T + ("--profile", RESULTS), 8, "--profile " + RESULTS, "is a file"),
+    Case("report-tensorboard-is-a-file", ("report", RESULTS, "--tensorboard", RESULTS), 8, "--tensorboard",
+         "is a file", tool="bench"),
+    Case("report-mlflow-unknown-scheme", ("report", RESULTS, "--mlflow", "ftp://h/x"), 2, "--mlflow ftp://h/x",
+         "not a tracking URI", tool="bench"),
+    Case("report-mlflow-no-scheme", ("report", RESULTS, "--mlflow", "localhost:5000"), 2, "--mlflow localhost:5000",
+         "http://localhost:5000", tool="bench"),
+    Case("report-mlflow-sqlite-folder", ("report", RESULTS, "--mlflow", "sqlite:///{ws}/results"), 8, "--mlflow",
+         "a folder", tool="bench"),
 ]
 assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 

@@ -164,10 +164,12 @@ def test_report_exports_existing_csvs_to_a_file_store_once(results_csv, tmp_path
 
 def test_mlflow_server_on_loopback_receives_the_runs(results_csv, tmp_path, capsys):
     port = free_port()
+    # A file store behind the server: up in seconds (a new SQLite database first runs its migrations, ~15 s).
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+                               "--backend-store-uri", str(tmp_path / "server-store"), "--artifacts-destination",
                                str(tmp_path / "server-artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
