@@ -467,7 +467,8 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
                             plot_dir=path.parent, stem=path.stem)
     print("report: " + ", ".join(str(p) for p in written))
     # Copies for TensorBoard and MLflow, from the CSV just written (the chief's rows only).
-    tracked = tracking.export(load([path]), *getattr(args, "tracking", (None, None)), artifacts=written) if not (member and not member.is_chief) else 0
+    tracked = 0 if member and not member.is_chief else \
+        tracking.export(load([path]), *getattr(args, "tracking", (None, None)), artifacts=written)
     # A skipped row (the hardware lacks what a configuration needs, e.g. bf16) is a result, not a failure.
     return tracked if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
 

@@ -152,10 +152,11 @@ def write_tensorboard(df: pd.DataFrame, logdir) -> list[Path]:
         folder = Path(logdir) / sweep_folder(row.get("run_id"), row.get("machine_id")) / row_name(row)
         hparams = {k: _plain(row[k]) for k in IDENTITY + tuple(varying) if k in row}
         hparams["repeat"] = _int(row.get("repeat"))
+        trial = f"{sweep_folder(row.get('run_id'), row.get('machine_id'))}/{row_name(row)}"  # unique: never pooled
         try:
             writer = tf.summary.create_file_writer(str(folder))
             with writer.as_default():
-                hp.hparams(hparams, trial_id=f"{sweep_folder(row.get('run_id'), row.get('machine_id'))}/{row_name(row)}")
+                hp.hparams(hparams, trial_id=trial)
                 for name, value in figures(row).items():
                     tf.summary.scalar(name, value, step=0)
                 for column, tag in CURVES.items():
@@ -202,6 +203,9 @@ def mlflow_target(given: str | None, out: Path, flag: str = "--mlflow") -> Mlflo
         if not m["rest"].startswith("/") or len(m["rest"]) < 2:
             raise UserError(f"{flag} {given}: expected sqlite:///PATH/mlflow.db (three slashes, then the file)")
         return _local_db(Path(m["rest"][1:]), flag)  # sqlite:///rel.db, sqlite:////abs.db (SQLAlchemy's form)
+    if given.lower().endswith(".csv"):  # bench report --mlflow a.csv: argparse took the CSV as the URI
+        raise UserError(f"{flag} {given}: a CSV, not a tracking URI; put the CSVs before {flag}, or give {flag} "
+                        "its URI")
     if re.match(r"^[A-Za-z0-9.-]+:\d{1,5}$", given):
         raise UserError(f"{flag} {given}: a server address needs its scheme; pass http://{given}")
     if given.startswith("file:") or not m:

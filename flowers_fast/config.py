@@ -110,7 +110,8 @@ class RunConfig:
     breakdown: bool = knob(True, "also measure input-only and model-only throughput", group="measurement")
     profile: str | None = knob(None, "write a TensorFlow Profiler trace of a few steady-state train steps (featcache: "
                                "also a slice of the feature pass), run after the timed epochs, to DIR (bench run: "
-                               "DIR/<run>/<config>-<device>-r<repeat>); view it in TensorBoard's Profile tab",
+                               "DIR/<run id>-<machine id>/<config>-<device>-r<repeat>); view it in TensorBoard's "
+                               "Profile tab",
                                group="measurement", metavar="DIR")
     # scaling out
     strategy: str = knob("default", "tf.distribute strategy", choices=STRATEGIES, group="scaling out")

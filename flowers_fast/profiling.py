@@ -31,7 +31,7 @@ def check_dir(path: str | Path, flag: str = "--profile") -> Path:
 
 
 def trace_files(logdir: str | Path) -> list[Path]:
-    """The traces under ``logdir`` in the layout the profiler plugin lists: ``plugins/profile/<run>/<host>.xplane.pb``."""
+    """Traces under ``logdir`` in the layout the profiler plugin lists: ``plugins/profile/<run>/<host>.xplane.pb``."""
     return sorted(Path(logdir).glob("plugins/profile/*/*.xplane.pb"))
 
 
@@ -83,7 +83,7 @@ def trace(logdir: str | Path, steps, extra=None) -> dict:
 
     model = getattr(steps, "model", None)
     saved = (model.get_weights(), [v.numpy() for v in _optimizer_variables(model)]) if model is not None else None
-    logdir = Path(logdir)
+    logdir = Path(logdir).expanduser()
     before = set(trace_files(logdir))
     start = time.perf_counter()
     tf.profiler.experimental.start(str(logdir))

@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling, runtime
+from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling
+from . import runtime
 from . import model as models
 from .config import RunConfig
 from .errors import DataError, UserError

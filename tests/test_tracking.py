@@ -34,8 +34,9 @@ def fake_rows(seen: list):
             return {"status": "error", "error": "MemoryError: simulated out of memory", "subprocess_s": 1.0}
         return {"status": "ok", "error": "", "test_accuracy": 0.5, "test_loss": 1.25, "data_prep_s": 1.0,
                 "first_epoch_s": 2.0, "steady_epoch_s": 0.2, "train_s": 2.4, "total_s": 3.4, "train_img_s": 150.0,
-                "end_to_end_img_s": 150.0, "peak_rss_mb": 900.0, "weights": "random", "epoch_times_s": "2.000 0.200 0.200",
-                "epoch_loss": "1.5 1.25 1", "epoch_accuracy": "0.25 0.375 0.5", "subprocess_s": 9.0}
+                "end_to_end_img_s": 150.0, "peak_rss_mb": 900.0, "weights": "random",
+                "epoch_times_s": "2.000 0.200 0.200", "epoch_loss": "1.5 1.25 1", "epoch_accuracy": "0.25 0.375 0.5",
+                "subprocess_s": 9.0}
     return run_one
 
 
@@ -85,7 +86,8 @@ def test_bench_run_writes_hparams_scalars_and_mlflow_runs(tmp_path, monkeypatch,
     machine, run_id = rows["machine_id"][0], rows["run_id"][0]
     folder = f"{run_id}-{machine}"
     # --profile: each configuration's trace goes to a folder of its own, named like its TensorBoard run.
-    assert [c.profile for c in seen] == [str(tmp_path / "prof" / folder / f"{n}-cpu-r0") for n in ("tfdata", "featcache")]
+    assert [c.profile for c in seen] == [str(tmp_path / "prof" / folder / f"{n}-cpu-r0")
+                                         for n in ("tfdata", "featcache")]
 
     runs = tb_runs(tmp_path / "tb")
     assert set(runs) == {f"{folder}/tfdata-cpu-r0", f"{folder}/featcache-cpu-r0"}
@@ -208,6 +210,7 @@ def test_mlflow_server_on_loopback_receives_the_runs(results_csv, tmp_path, caps
     (["--profile", "{file}"], 8, "--profile {file}: is a file"),
     (["--mlflow", "ftp://host/x"], 2, "--mlflow ftp://host/x: not a tracking URI"),
     (["--mlflow", "localhost:5000"], 2, "pass http://localhost:5000"),
+    (["--mlflow", "results/latest.csv"], 2, "a CSV, not a tracking URI; put the CSVs before --mlflow"),
     (["--mlflow", "http://127.0.0.1:70000"], 2, "not a tracking server address"),
     (["--mlflow", "sqlite:///{tmp}"], 8, "a folder, where the MLflow database file goes"),
     (["--mlflow", "{file}/store"], 8, "--mlflow {file}/store: not writable"),
