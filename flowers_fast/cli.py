@@ -128,6 +128,8 @@ def cmd_train(args) -> int:
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
+    if row.get("profile_trace"):
+        print(f"profile: {row['profile_trace']} (outside the timed epochs; view: tensorboard --logdir {cfg.profile})")
     # The metrics are on screen; the model goes to disk before the figures, so that a figure that
     # cannot be written does not cost the trained model.
     if save and helper:
