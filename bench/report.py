@@ -31,6 +31,7 @@ import pandas as pd
 from flowers_fast.errors import OutputError, UserError, invoked
 from flowers_fast.outputs import Outputs, add_overwrite_flag, atomic_write
 
+from . import tracking
 from .plots import plot_names, write_plots
 from .results import DEFAULT_CSV, devices, formatted, groups, load, machine_label, medians, num, text, truthy, values
 
@@ -397,6 +398,7 @@ def cmd_report(args) -> int:
         if plot_dir is not None:
             for png in plot_paths(df, plot_dir, paths[0].stem, args.pool):
                 outputs.file(png, "--plot", fix="move it away")
+        tb, target = tracking.check_flags(args, paths[0].parent)  # before anything is written
         print(render_console_report(build(df, args.pool), df.attrs.get("merged", [])))
         written = write_reports(paths, markdown=markdown, html=html, plot_dir=plot_dir, stem=paths[0].stem,
                                 pool=args.pool)
@@ -404,7 +406,7 @@ def cmd_report(args) -> int:
         print("\nwritten: " + ", ".join(str(p) for p in written))
     elif args.plot:
         print("\nplots: none (no successful runs)")
-    return 0
+    return tracking.export(df, tb, target, artifacts=written + paths)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -419,5 +421,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_overwrite_flag(p, " (--markdown, --html, --plot's PNGs)")
     p.add_argument("--pool", action="store_true", help="treat rows of different machines and runs as repeats of "
                                                        "one another (default: a report per machine and run)")
+    tracking.add_flags(p)
     p.set_defaults(func=cmd_report)
     return p

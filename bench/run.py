@@ -48,8 +48,8 @@ from flowers_fast.errors import (
 from flowers_fast.outputs import Outputs, atomic_open, atomic_write, spreadsheet_safe, spreadsheet_text
 
 from . import configs as configs_mod
-from . import machine
-from .results import LEADING, compatible, data_images, data_key, differences
+from . import machine, tracking
+from .results import LEADING, compatible, data_images, data_key, differences, load
 
 # The defaults of bench run's own flags (bench/cli.py); --resume tells given flags from these.
 DEFAULTS = dict(device="cpu", preset="quick", configs=None, repeats=None, timeout=None, figures=False,
@@ -343,6 +343,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--out", default=DEFAULTS["out"], metavar="DIR", help="where results go (default: results)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="RUN_CSV",
                    help="continue the newest (or the given) run: skip rows already there")
+    tracking.add_flags(g)
     # Every knob a sweep may override, e.g. --epochs, --num-images, --model-handle.
     add_knob_flags(p, SWEEP)
     p.set_defaults(func=execute)
@@ -387,6 +388,7 @@ def execute(args) -> int:
     with Outputs() as outputs:  # a folder made for --out goes again if the run fails before writing to it
         outputs.mkdirs(out, "--out")
         check_out_dir(out)
+        args.tracking = tracking.check_flags(args, out)  # --profile, --tensorboard, --mlflow: before any work
         cache = cache_dir()
         if meta is None:
             run_id, path = new_run_path(out)
@@ -439,6 +441,9 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
         for cfg, k in bar:
             bar.set_postfix_str(f"{cfg.name} on {cfg.device} #{k}")
             stem = f"{cfg.name}-{cfg.device}-r{k}"
+            if cfg.profile:  # each row's trace in a folder of its own, named like its TensorBoard run
+                cfg = cfg.replace(profile=str(Path(cfg.profile) / tracking.sweep_folder(run_id, facts["machine_id"])
+                                              / stem))
             base = {**common, **cfg.to_dict(), "repeat": k, "repeats": args.repeats or preset.repeats_of(cfg),
                     "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             row = run_one(cfg, timeout_s, logs / f"{stem}.log", env, interactive,
@@ -466,8 +471,11 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
     written = write_reports([path], markdown=path.with_suffix(".md"), html=path.with_suffix(".html"),
                             plot_dir=path.parent, stem=path.stem)
     print("report: " + ", ".join(str(p) for p in written))
+    # Copies for TensorBoard and MLflow, from the CSV just written (the chief's rows only).
+    tracked = 0 if member and not member.is_chief else \
+        tracking.export(load([path]), *getattr(args, "tracking", (None, None)), artifacts=written)
     # A skipped row (the hardware lacks what a configuration needs, e.g. bf16) is a result, not a failure.
-    return 0 if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
+    return tracked if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
 
 
 def data_now(cfg: RunConfig) -> tuple[str, ...]:
@@ -516,7 +524,8 @@ def summary_table(df: pd.DataFrame) -> str:
 
 def _sweep_args(args) -> dict:
     """What defines the sweep, saved beside its CSV so that --resume can run the same one."""
-    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume", "tracking")
+            and k not in tracking.OUTPUT_FLAGS}
 
 
 def cluster_task(args):
@@ -603,7 +612,7 @@ def _apply_saved(args, saved: dict, meta: Path) -> None:
     """Continue the run as it was started: its saved settings replace the flags' defaults, and a
     flag given now that disagrees with them is a usage error (it would be silently ignored)."""
     for key, value in vars(args).copy().items():
-        if key in ("func", "command", "resume", "out"):
+        if key in ("func", "command", "resume", "out", "tracking") or key in tracking.OUTPUT_FLAGS:
             continue
         given = value != DEFAULTS.get(key) if key in DEFAULTS else True  # knob flags appear only when given
         if given and saved.get(key, DEFAULTS.get(key)) != value:

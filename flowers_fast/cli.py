@@ -83,6 +83,8 @@ def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
         for name in figure_names(cfg.pipeline):
             outputs.file(fig_dir / name, "--figures", fix="pass another folder")
     json_path = outputs.file(args.json, "--json") if args.json else None
+    if cfg.profile:
+        outputs.folder(Path(cfg.profile).expanduser(), "--profile")
     from . import runtime
 
     runtime.setup(cfg)
@@ -102,6 +104,8 @@ def _train(args, cfg: RunConfig, outputs: Outputs) -> int:
     print(f"{invoked('flowers_fast')} train: {cfg.pipeline} on {cfg.device} ({runtime.device_name(cfg.device)}), "
           f"data {row['dataset']}, weights {row['weights']}; times in seconds, throughput in images/s")
     _print_table(row)
+    if row.get("profile_trace"):
+        print(f"profile: {row['profile_trace']} (outside the timed epochs; view: tensorboard --logdir {cfg.profile})")
     # The metrics are on screen; the model goes to disk before the figures, so that a figure that
     # cannot be written does not cost the trained model.
     if save and helper:

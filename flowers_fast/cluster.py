@@ -40,7 +40,7 @@ _ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                       '"task": {"type": "worker", "index": 0}}')
 # Knobs a task may set for itself: paths and addresses as this host sees them, and how long it waits.
-LOCAL_KNOBS = ("data_dir", "model_handle", "data_service", "peer_timeout")
+LOCAL_KNOBS = ("data_dir", "model_handle", "data_service", "peer_timeout", "profile")
 
 
 @dataclass(frozen=True)

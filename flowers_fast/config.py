@@ -128,6 +128,11 @@ class RunConfig:
                        "e.g. AMD EPYC, where on about doubled MobileNetV2's speed), on, off",
                        choices=ONEDNN, group="measurement")
     breakdown: bool = knob(True, "also measure input-only and model-only throughput", group="measurement")
+    profile: str | None = knob(None, "write a TensorFlow Profiler trace of a few steady-state train steps (featcache: "
+                               "also a slice of the feature pass), run after the timed epochs, to DIR (bench run: "
+                               "DIR/<run id>-<machine id>/<config>-<device>-r<repeat>); view it in TensorBoard's "
+                               "Profile tab",
+                               group="measurement", metavar="DIR")
     # scaling out
     strategy: str = knob("default", "tf.distribute strategy", choices=STRATEGIES, group="scaling out")
     logical_cpus: int = knob(0, "split the CPU into N logical devices (with --strategy mirrored: N replicas on a "

@@ -12,11 +12,13 @@ from .tfkeras import keras, tf
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Wall time of each epoch; the first one includes tracing and compilation."""
+    """Wall time of each epoch; the first one includes tracing and compilation. Also keeps each
+    epoch's training loss and accuracy (Keras's logs), the curves --tensorboard draws."""
 
     def __init__(self):
         super().__init__()
         self.times: list[float] = []
+        self.logs: list[dict] = []
         self._start = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -24,6 +26,12 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.times.append(time.perf_counter() - self._start)
+        self.logs.append(dict(logs or {}))
+
+    def curve(self, key: str) -> str:
+        """One logged value per epoch, as ``epoch_times_s`` writes them (blank when Keras logged none)."""
+        values = [log.get(key) for log in self.logs]
+        return " ".join(f"{float(v):.6g}" for v in values) if values and None not in values else ""
 
 
 def steady(times: list[float]) -> dict:

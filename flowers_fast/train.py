@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, quantize, runtime
+from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling
+from . import quantize, runtime
 from . import model as models
 from .config import RunConfig
 from .errors import DataError, UnsupportedError, UserError, printable
@@ -67,6 +68,9 @@ class RunContext:
     dataset: data.ImageFolder | None = None  # None for modelonly
     split: data.Split | None = None
     predictions: bool = True  # predict the test set after evaluating (figures need it; a sweep row does not)
+    # --profile: the steady-state steps to trace (set where the model trains) and, for featcache, the feature slice
+    profile_steps: Callable | None = None
+    profile_extra: Callable | None = None
 
     @property
     def num_classes(self) -> int:
@@ -134,6 +138,8 @@ def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> R
     row.setdefault("peak_rss_mb", metrics.peak_rss_mb())
     row["peak_gpu_mb"] = metrics.peak_gpu_mb()
     row["wall_s"] = time.perf_counter() - t_start
+    if cfg.profile and ctx.profile_steps is not None:  # after every timed part and the memory peak
+        row.update(profiling.trace(cfg.profile, ctx.profile_steps, ctx.profile_extra))
     result.row = row
     result.classes = ctx.dataset.classes if ctx.dataset else ()
     if keep_model:
@@ -234,6 +240,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     row["end_to_end_img_s"] = row["train_img_s"]
     row["total_s"] = prep_s + extra_s + sum(times)
     row["epoch_times_s"] = " ".join(f"{t:.3f}" for t in times)
+    row.update(epoch_loss=timer.curve("loss"), epoch_accuracy=timer.curve("accuracy"))
+    ctx.profile_steps = profiling.Steps(model, profiling.fit_steps, train_x, train_y, batch_size)
 
     start = time.perf_counter()
     with _files_stay(ctx):
@@ -534,6 +542,8 @@ def _run_featcache(ctx: RunContext) -> RunResult:
 
     model = _compiled(ctx, build)
     n_train, n_test = len(train_f.files), len(test_f.files)
+    ctx.profile_extra = lambda: profiling.feature_slice(eng or _feature_engine(ctx)[0], split.train_files,
+                                                        split.train_labels, cfg)
     y_true, y_pred = _fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head", extra_s=feature_pass)
     # End to end, an image costs its feature pass plus its head epochs.
     row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
@@ -602,6 +612,8 @@ def _run_modelonly(ctx: RunContext) -> RunResult:
                                                tf.uint8, min_seconds=5.0, min_calls=2)
     ctx.row.update(train_img_s=rate, end_to_end_img_s=rate)
     _breakdown(ctx, rate, warm)
+    ctx.profile_steps = profiling.Steps(model, profiling.batch_steps, ctx.cfg.image_size, ctx.global_batch,
+                                        ctx.num_classes)
     return RunResult(ctx.row, model)
 
 

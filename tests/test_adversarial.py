@@ -534,6 +534,17 @@ CASES = [
          "cannot be decoded", setup=_write("caf" + NOT_UTF8 + ".jpg", "not an image\n")),
     Case("class-images-only-in-subfolder", TD + ("{ws}/d",), 3, "tulips/", "move them up into {ws}/d/tulips/",
          setup=lambda ws, mp: _images_in_subfolder(folder(ws / "d", ("daisy", "roses", "tulips")), "tulips", every=1)),
+
+    # --- issue 23: TensorBoard, profiler and MLflow destinations (more in tests/test_tracking.py)
+    Case("train-profile-is-a-file", T + ("--profile", RESULTS), 8, "--profile " + RESULTS, "is a file"),
+    Case("report-tensorboard-is-a-file", ("report", RESULTS, "--tensorboard", RESULTS), 8, "--tensorboard",
+         "is a file", tool="bench"),
+    Case("report-mlflow-unknown-scheme", ("report", RESULTS, "--mlflow", "ftp://h/x"), 2, "--mlflow ftp://h/x",
+         "not a tracking URI", tool="bench"),
+    Case("report-mlflow-no-scheme", ("report", RESULTS, "--mlflow", "localhost:5000"), 2, "--mlflow localhost:5000",
+         "http://localhost:5000", tool="bench"),
+    Case("report-mlflow-sqlite-folder", ("report", RESULTS, "--mlflow", "sqlite:///{ws}/results"), 8, "--mlflow",
+         "a folder", tool="bench"),
 ]
 assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 
