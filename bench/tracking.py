@@ -227,10 +227,10 @@ def _local_db(path: Path, flag: str) -> MlflowTarget:
 
 
 def _writable(folder: Path, given: str, flag: str) -> None:
-    from flowers_fast.cli import check_output_folder
+    from flowers_fast.outputs import Outputs
 
     try:
-        check_output_folder(folder, flag)
+        Outputs().folder(folder, flag)
     except OutputError as exc:
         raise OutputError(str(exc).replace(f"{flag} {folder}:", f"{flag} {given}:", 1)) from None
 

@@ -23,11 +23,9 @@ FEATURE_BATCHES = 2  # featcache: batches of the feature pass in the trace
 
 def check_dir(path: str | Path, flag: str = "--profile") -> Path:
     """Before any work: ``path`` is a folder we can create and write (an OutputError naming ``flag``)."""
-    from .cli import check_output_folder
+    from .outputs import Outputs
 
-    path = Path(path).expanduser()
-    check_output_folder(path, flag)
-    return path
+    return Outputs().folder(path, flag)
 
 
 def trace_files(logdir: str | Path) -> list[Path]:

@@ -213,7 +213,7 @@ def test_mlflow_server_on_loopback_receives_the_runs(results_csv, tmp_path, caps
     (["--mlflow", "results/latest.csv"], 2, "a CSV, not a tracking URI; put the CSVs before --mlflow"),
     (["--mlflow", "http://127.0.0.1:70000"], 2, "not a tracking server address"),
     (["--mlflow", "sqlite:///{tmp}"], 8, "a folder, where the MLflow database file goes"),
-    (["--mlflow", "{file}/store"], 8, "--mlflow {file}/store: not writable"),
+    (["--mlflow", "{file}/store"], 8, "--mlflow {file}/store: cannot be created"),
 ])
 def test_bad_destinations_are_one_line_before_the_sweep(tmp_path, monkeypatch, capsys, flags, code, needle):
     blocker = tmp_path / "afile"
