@@ -85,7 +85,7 @@ class _Compiled:
     ([_Op("Convolution", "bf16"), _Op("Convolution", "bf16"), _Op("FullyConnected", "f32")], "bf16", "bfloat16"),
     # bf16 asked, float32 run (a CPU without it): the graph says so, whatever the hint was
     ([_Op("Convolution", "f32"), _Op("MatMul", "f32"), _Op("Eltwise", "bf16")], "bf16", "float32"),
-    ([_Op("Convolution", "i8"), _Op("Convolution", "i8")], "f32", "i8"),
+    ([_Op("Convolution", "i8"), _Op("Convolution", "u8")], "f32", "int8"),  # NNCF's quantized model
     ([_Op("Eltwise", "f32")], "bf16", "bfloat16"),  # no convolution to read: the compiled hint
 ])
 def test_openvinos_precision_is_read_back_from_the_executed_graph(ops, hint, expected):
