@@ -63,12 +63,11 @@ PRESETS = {
     "smoke": Preset("seconds per configuration, for CI: 40 synthetic images at 96 px, 2 epochs",
                     ("naive", "tutorial", "tfdata", "featcache"),
                     dict(dataset="synthetic", num_images=40, image_size=96, epochs=2), timeout_s=300),
-    # Under 15 minutes on 2 CPU cores, where TensorFlow trains MobileNetV2 at about 50 img/s
-    # (an AMD EPYC: oneDNN off by default) and each worker spends 30-60 s starting TensorFlow,
-    # evaluating and (first repeat) measuring the breakdown on top of its training. With 600 images,
-    # 3 repeats and 9 configurations, each first-repeat run took 1.5-2.2 minutes here, so the
-    # quick preset keeps the configurations that answer "how to feed it" and "what runs the
-    # frozen pass", 400 images and 2 repeats (a median and a min-max spread). Left to the full
+    # 3 repeats (a median and a min-max spread) of the configurations that answer "how to feed it"
+    # and "what runs the frozen pass", on 400 images: 8 min 01 s on a 2-core Intel Xeon with AMX
+    # (oneDNN on by default, about 130 img/s training), where 62% of each worker's process time is
+    # TensorFlow's start, the model's load, evaluation and the first repeat's breakdown. On a 2-core
+    # AMD EPYC (AVX2, oneDNN off by default, about 45 img/s) 2 repeats took 9.5 minutes. Left to the full
     # preset (or --configs): naive-rgb trains like naive (its point is accuracy on real photos
     # with real weights), tfdata-dct decodes like tfdata on images this size, the mixed
     # configurations run bf16 on a CPU without native bf16 (a tfdata-mixed epoch took 13.5 s
