@@ -50,18 +50,27 @@ def engine_version(engine: str) -> str:
     return "tensorflow " + tf.__version__
 
 
-def key(cfg: RunConfig, handle: str, compute_dtype: str, files) -> tuple[str, dict]:
-    """(hex key, what it was made of) for the features of ``files`` under ``cfg``."""
+def files_parts(files) -> dict:
+    """What a key takes from ``files``: a hash of every file's name, size and modification time,
+    and their count (a changed, added or removed file changes it)."""
     listing = []
     for f in sorted(files):
         st = os.stat(f)
         listing.append([str(f), st.st_size, st.st_mtime_ns])
+    return dict(files=hashlib.sha256(json.dumps(listing).encode()).hexdigest(), num_files=len(listing))
+
+
+def digest_of(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def key(cfg: RunConfig, handle: str, compute_dtype: str, files) -> tuple[str, dict]:
+    """(hex key, what it was made of) for the features of ``files`` under ``cfg``."""
     parts = dict(format=FORMAT, model=model_fingerprint(handle), engine=cfg.engine,
                  engine_version=engine_version(cfg.engine), precision=cfg.precision, compute_dtype=compute_dtype,
                  device=cfg.device, image_size=cfg.image_size, dct_decode=cfg.dct_decode,
-                 xla_backbone=cfg.xla_backbone, files=hashlib.sha256(json.dumps(listing).encode()).hexdigest(),
-                 num_files=len(listing))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
+                 xla_backbone=cfg.xla_backbone, **files_parts(files))
+    return digest_of(parts), parts
 
 
 def path(cache: Path, digest: str) -> Path:

@@ -13,19 +13,19 @@ NNCF versions, and the calibration files (names, sizes, modification times).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import featurestore
 from .config import RunConfig
 from .errors import OutputError, UnsupportedError
+from .outputs import temp_dir
 
 FORMAT = 1  # bump when the quantization settings change
 
@@ -35,7 +35,6 @@ class Quantized:
     model: object  # openvino.Model with FakeQuantize operations
     seconds: float  # calibration and quantization (loading, when reused)
     reused: bool
-    images: int  # calibration images
     info: dict  # what was stored beside it (e.g. the held-out cosine)
 
 
@@ -46,10 +45,9 @@ def versions() -> dict:
 
 
 def key(cfg: RunConfig, fingerprint: str, files) -> tuple[str, dict]:
-    listing = [[str(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
     parts = dict(format=FORMAT, model=fingerprint, image_size=cfg.image_size, dct_decode=cfg.dct_decode,
-                 **versions(), files=hashlib.sha256(json.dumps(listing).encode()).hexdigest(), num_files=len(listing))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32], parts
+                 **versions(), **featurestore.files_parts(files))
+    return featurestore.digest_of(parts), parts
 
 
 def folder(cache: Path, digest: str) -> Path:
@@ -76,7 +74,7 @@ def save(cache: Path, digest: str, model, info: dict) -> None:
     tmp = None
     try:
         where.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=digest + ".", dir=where.parent))
+        tmp = temp_dir(where.parent, digest + ".")
         import_openvino().save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         (tmp / "info.json").write_text(json.dumps(info, indent=1, sort_keys=True))
         if where.exists():  # another run stored it meanwhile: theirs is as good
@@ -110,9 +108,9 @@ def quantized_model(convert, cfg: RunConfig, cache: Path, fingerprint: str, file
     start = time.perf_counter()
     stored = load(cache, digest) if cfg.reuse_quantized else None
     if stored is not None:
-        return Quantized(stored[0], time.perf_counter() - start, True, len(files), stored[1])
+        return Quantized(stored[0], time.perf_counter() - start, True, stored[1])
     model = quantize(convert(), list(batches()))
-    return Quantized(model, time.perf_counter() - start, False, len(files), dict(parts, digest=digest))
+    return Quantized(model, time.perf_counter() - start, False, dict(parts, digest=digest))
 
 
 def sample(files, count: int, seed: int, held_out: int = 64) -> tuple[list, list]:

@@ -447,9 +447,7 @@ def _int8_engine(ctx: RunContext, fn) -> engine.Engine:
     start = time.perf_counter()
     cosine = q.info.get("cosine")
     if cosine is None:
-        images = np.concatenate(decoded(held_out))
-        reference = engine.make("tf", fn)
-        cosine = float(models.cosine(eng(images), reference(images)).min())
+        cosine = _feature_cosine(ctx, eng, images=np.concatenate(decoded(held_out)))
     ctx.row.update(quantize_s=q.seconds, quantized_reused=q.reused, calibration_files=len(calibrate),
                    feature_cosine_vs_fp32=cosine, feature_cosine_on=f"{len(held_out)} held-out training images",
                    feature_check_s=time.perf_counter() - start)
@@ -508,7 +506,11 @@ def _run_featcache(ctx: RunContext) -> RunResult:
         # No pass ran: its cost is reading the file; its rate is not measured.
         train_f.seconds = time.perf_counter() - start
         eng, warm, precision, pass_rate = None, 0.0, stored[1], float("nan")
-        row.update(engine_setup_s=0.0, feature_cosine_vs_fp32=stored[2])
+        row["engine_setup_s"] = 0.0
+        # Another engine's cosine is the one stored with its features (NaN in a store from before it
+        # was kept: the breakdown measures it); TensorFlow's is the backbone's, unless one was stored.
+        if cfg.engine != "tf" or not math.isnan(stored[2]):
+            row["feature_cosine_vs_fp32"] = stored[2]
     else:
         eng, warm = _feature_engine(ctx)
         train_f = _stream_features(ctx, eng, split.train_files, split.train_labels, "train")
@@ -582,23 +584,24 @@ def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
         reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
         steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
     rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch)
-    if "tf_fp32" in steps and eng.name != "tf" and ctx.row.get("feature_cosine_vs_fp32") != \
-            ctx.row.get("feature_cosine_vs_fp32"):  # NaN: not measured in the pass (features reused)
-        ctx.row["feature_cosine_vs_fp32"] = _feature_cosine(ctx, eng, reference)
+    if "tf_fp32" in steps and eng.name != "tf" and math.isnan(ctx.row.get("feature_cosine_vs_fp32", math.nan)):
+        ctx.row["feature_cosine_vs_fp32"] = _feature_cosine(ctx, eng, reference)  # not kept with reused features
     same = eng.name == "tf" and eng.precision == "float32"
     ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
                    engine_speedup_vs_tf_fp32=1.0 if same else ratio)
     return rates["engine"], warm["engine"]
 
 
-def _feature_cosine(ctx: RunContext, eng: engine.Engine, reference: engine.Engine | None = None) -> float:
-    """The least cosine similarity between ``eng``'s features and TensorFlow float32's on 8
-    synthetic flowers: how far this engine (and its precision) moves the features."""
+def _feature_cosine(ctx: RunContext, eng: engine.Engine, reference: engine.Engine | None = None,
+                    images: np.ndarray | None = None) -> float:
+    """The least cosine similarity between ``eng``'s features and TensorFlow float32's on uint8
+    ``images`` (default 8 synthetic flowers): how far this engine (and its precision) moves them."""
     cfg = ctx.cfg
     if reference is None:
         fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
         reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
-    images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
+    if images is None:
+        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
     return float(models.cosine(eng(images), reference(images)).min())
 
 
