@@ -116,7 +116,6 @@ def fingerprint(dataset: ImageFolder) -> str:
     bytes: any name the OS accepts): two rows with the same fingerprint read the same files.
     Contents are not read, so it costs nothing; a file replaced under the same name keeps it."""
     import hashlib
-    import os
 
     digest = hashlib.sha256()
     for path in dataset.files:
