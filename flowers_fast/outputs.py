@@ -214,7 +214,12 @@ class Outputs:
             if not probe.is_dir():
                 raise NotADirectoryError(20, f"{probe} is a file, not a folder")
             for made in reversed(missing):
-                made.mkdir()
+                try:
+                    made.mkdir()
+                except FileExistsError:  # another process made it meanwhile (cluster tasks, one --out)
+                    if not made.is_dir():
+                        raise
+                    continue  # theirs: never removed by this command's clean-up
                 self.created.append(made)
             tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-").close()
         except OSError as exc:

@@ -1166,3 +1166,25 @@ def test_a_worker_killed_at_timeout_leaves_no_temporary_folder(pipeline, leftove
     assert seen, (tmp_path / "w.log").read_text()[-2000:]
     assert row["status"] == "timeout"
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_folder_another_process_makes_meanwhile_is_used_not_an_error(tmp_path, monkeypatch):
+    """Cluster tasks share one --out: the chief and worker 1 may create results/ at the same moment.
+    The loser uses the folder, and its clean-up never removes what it did not make."""
+    from flowers_fast.outputs import Outputs
+
+    real_mkdir = Path.mkdir
+
+    def racing(self, *args, **kwargs):
+        if self.name == "results":  # the other task gets there first
+            real_mkdir(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing)
+    with pytest.raises(RuntimeError):
+        with Outputs() as outputs:
+            out = outputs.folder(tmp_path / "results" / "worker-1", "--out")
+            assert out.is_dir()
+            raise RuntimeError("the run fails")
+    assert not (tmp_path / "results" / "worker-1").exists()  # made here: removed
+    assert (tmp_path / "results").is_dir()  # theirs: kept
