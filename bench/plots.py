@@ -13,7 +13,9 @@ with matplotlib's Agg canvas from one group of rows (one machine and run, or a p
   choice marked.
 * ``<stem>-stages.png``: images per second through each stage. Rates through the backbone
   (whole-model training, featcache's feature pass, their input pipelines) share one axis;
-  featcache's head-only epochs, which never run the backbone, get an axis of their own.
+  featcache's head-only epochs, which never run the backbone, get an axis of their own. Each
+  feature pass is drawn beside the rate of its two stages taking turns on the same cores and
+  labelled with its fraction of the slower stage (``feature_pass_bound_fraction``).
 
 Log scales where a shared axis spans more than 10x; "n/a" where a value does not exist.
 """
@@ -35,7 +37,7 @@ from .results import DEVICE_ORDER, ORDER, median_runs, medians, normalise, order
 
 PARTS = (("prep", "data preparation", "#8172B2"), ("feature", "feature pass (frozen backbone, once)", "#64B5CD"),
          ("first", "epoch 1 (tracing, cache fill)", "#DD8452"), ("later", "epochs 2..N", "#4C72B0"))
-STAGE_COLOURS = {"input": "#8172B2", "model": "#C44E52", "e2e": "#4C72B0", "head": "#55A868"}
+STAGE_COLOURS = {"input": "#8172B2", "model": "#C44E52", "shared": "#BBBBBB", "e2e": "#4C72B0", "head": "#55A868"}
 NA = "n/a"
 PROBE = "modelonly"  # pipelines that train no model: no time to a trained model, no accuracy
 
@@ -298,7 +300,8 @@ BACKBONE_PANELS = (
      ("featcache",),
      [("input_only_img_s", "input pipeline alone", "input"),
       ("model_only_img_s", "backbone forward alone (in-memory batch)", "model"),
-      ("feature_pass_img_s", "feature pass end to end", "e2e")]),
+      ("feature_pass_shared_cores_img_s", "the two taking turns on the same cores", "shared"),
+      ("feature_pass_img_s", "feature pass end to end (x: its fraction of the slower stage)", "e2e")]),
 )
 
 
@@ -325,6 +328,17 @@ def _stage_bars(ax, m: pd.DataFrame, stages, log: bool, legend: bool = True) -> 
         ax.legend(fontsize=7, loc="upper right")
 
 
+def _bound_labels(ax, m: pd.DataFrame, stages) -> None:
+    """Above each feature pass's bar, the pass's fraction of its slower stage (the bound)."""
+    cols = [c for c, _, _ in stages]
+    width = 0.8 / len(stages)
+    i = cols.index("feature_pass_img_s")
+    for x, (rate, frac) in enumerate(zip(m["feature_pass_img_s"], m["feature_pass_bound_fraction"])):
+        if np.isfinite(rate) and np.isfinite(frac):
+            ax.annotate(f"{frac:.2f}x", (x - 0.4 + width * (i + 0.5), rate), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+
+
 def _stages(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
     med = med[med["n_ok"] > 0].copy()
     if "feature_pass_img_s" not in med.columns:
@@ -348,6 +362,8 @@ def _stages(med: pd.DataFrame, path: Path, subtitle: str) -> Path:
         top = np.nanmax(np.where(np.isfinite(rates), rates, np.nan)) if np.isfinite(rates).any() else 1.0
         for i, (ax, (title, mm, stages)) in enumerate(zip(axes, panels)):
             _stage_bars(ax, mm, stages, log)
+            if "feature_pass_bound_fraction" in mm.columns and "feature_pass_img_s" in [c for c, _, _ in stages]:
+                _bound_labels(ax, mm, stages)
             ax.set_title(title, fontsize=9)
             ax.set_ylim(top=top * (8 if log else 1.25))
             if log:

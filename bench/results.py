@@ -33,11 +33,13 @@ METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady
            "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s",
            "feature_pass_warmup_s", "feature_pass_img_s", "train_s", "subprocess_s", "engine_setup_s",
            "tf_fp32_forward_img_s", "engine_speedup_vs_tf_fp32", "model_flops_utilization",
-           "feature_pass_flops_utilization")
+           "feature_pass_flops_utilization", "feature_pass_bound_img_s", "feature_pass_shared_cores_img_s",
+           "feature_pass_bound_fraction")
 # Metrics where a larger value is better (the others: smaller is better).
 HIGHER_IS_BETTER = ("test_accuracy", "acc_pct", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
                     "model_only_img_s", "e2e_fraction_of_model", "feature_pass_img_s", "tf_fp32_forward_img_s",
-                    "engine_speedup_vs_tf_fp32", "model_flops_utilization", "feature_pass_flops_utilization")
+                    "engine_speedup_vs_tf_fp32", "model_flops_utilization", "feature_pass_flops_utilization",
+                    "feature_pass_bound_img_s", "feature_pass_shared_cores_img_s", "feature_pass_bound_fraction")
 # Units of METRICS (and acc_pct) for labels.
 UNITS = {"test_accuracy": "%", "acc_pct": "%", "test_loss": "", "e2e_fraction_of_model": "", "peak_rss_mb": "MB",
          "peak_gpu_mb": "MB"}
@@ -57,7 +59,7 @@ DATA = ("dataset", "data_dir", "data_images", "data_fingerprint", "weights", "mo
 LEGACY_PRETRAINED = "pretrained"
 TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "precision", "compute_dtype",
         "channel_order", "bottleneck", "error", "tf_version", "model_handle", "data_dir", "data_fingerprint",
-        "git_commit", "source") + MACHINE
+        "git_commit", "source", "feature_pass_bound_stage", "feature_pass_limit") + MACHINE
 # Per-configuration settings carried into the medians table (first ok repeat's value).
 SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data_dir", "model_handle", "epochs",
             "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version")

@@ -99,6 +99,29 @@ def input_only_rate(dataset, batch_size: int) -> float:
     return n / max(time.perf_counter() - start, 1e-9)
 
 
+def pass_bound(pass_rate: float, input_rate: float, backbone_rate: float, cores: int) -> dict:
+    """What bounds a streamed pass (decode -> backbone), from the two stages measured alone in the
+    same process: the slower stage (``feature_pass_bound_*``), and the rate if the two took turns on
+    the same cores (``feature_pass_shared_cores_img_s``, 1 / (1/input + 1/backbone)). Each stage
+    alone uses every core, so a pass near the shared rate is limited by the cores both need, not
+    by either stage; ``feature_pass_limit`` says so, or that neither explains it, below 0.8 of the bound."""
+    bound = min(input_rate, backbone_rate)
+    shared = 1.0 / (1.0 / input_rate + 1.0 / backbone_rate)
+    fraction = pass_rate / bound
+    limit = ""
+    if fraction < 0.8:
+        if pass_rate >= 0.9 * shared:
+            limit = (f"shared cores: decoding ({input_rate:.0f} img/s alone) and the backbone ({backbone_rate:.0f} "
+                     f"alone) both need the same {cores} cores; taking turns they reach {shared:.0f} img/s, and the "
+                     f"pass ran at {pass_rate / shared:.2f} of that")
+        else:
+            limit = (f"not the stages' rates: the pass ran at {pass_rate / shared:.2f} of the {shared:.0f} img/s that "
+                     f"decoding and the backbone reach taking turns on the {cores} cores")
+    return {"feature_pass_bound_img_s": bound, "feature_pass_bound_stage": "input" if input_rate < backbone_rate
+            else "backbone", "feature_pass_bound_fraction": fraction, "feature_pass_shared_cores_img_s": shared,
+            "feature_pass_limit": limit}
+
+
 def model_only_train_rate(model, image_size: int, batch_size: int, num_classes: int, input_dtype,
                           min_seconds: float = 4.0, min_calls: int = 3) -> tuple[float, float]:
     """Train-step images/s on one in-memory synthetic batch (no input pipeline), and warm-up s.

@@ -299,6 +299,8 @@ def _breakdown(ctx: RunContext, model_rate: float, warmup_s: float, input_rate: 
     if e2e_rate is not None:
         row["e2e_fraction_of_model"] = e2e_rate / model_rate
     row["bottleneck"] = "input-bound" if input_rate is not None and input_rate < model_rate else "compute-bound"
+    if ctx.cfg.pipeline == "featcache" and input_rate and e2e_rate:
+        row.update(metrics.pass_bound(e2e_rate, input_rate, model_rate, os.cpu_count() or 1))
 
 
 def _train_rate(ctx: RunContext, model, input_dtype) -> tuple[float, float]:

@@ -257,3 +257,19 @@ def test_discover_rejects_no_class_folders(tmp_path):
 def test_data_errors_are_user_errors_with_exit_code_3():
     assert issubclass(DataError, UserError)
     assert DataError.exit_code == 3
+
+
+@pytest.mark.parametrize("rates,stage,fraction,limit", [
+    ((210, 900, 300), "backbone", 0.70, "shared cores"),  # near the two stages taking turns (225 img/s)
+    ((90, 1800, 250), "backbone", 0.36, "not the stages' rates"),  # below that too: something else
+    ((230, 1800, 250), "backbone", 0.92, ""),  # within 0.8 of the slower stage: nothing to say
+    ((150, 160, 900), "input", 0.94, ""),
+])
+def test_feature_pass_bound_names_the_slower_stage_and_what_limits_the_pass(rates, stage, fraction, limit):
+    from flowers_fast import metrics
+
+    out = metrics.pass_bound(*rates, cores=2)
+    assert out["feature_pass_bound_stage"] == stage
+    assert out["feature_pass_bound_fraction"] == pytest.approx(fraction, abs=0.005)
+    assert out["feature_pass_shared_cores_img_s"] == pytest.approx(1 / (1 / rates[1] + 1 / rates[2]))
+    assert out["feature_pass_limit"].startswith(limit) and bool(out["feature_pass_limit"]) == bool(limit)

@@ -30,7 +30,9 @@ def machine_rows(machine_id, run_id, scale=1.0, brand="Test CPU A"):
             r = row(name, "cpu", acc, total * scale, 450 / (total / 6), 2000 + 100 * k, repeat=k)
             r.update(run_id=run_id, machine_id=machine_id, cpu_brand=brand, cpu_logical_cores=2, ram_gb=24.0,
                      train_s=total * scale * 0.7, feature_pass_s=total * scale * 0.2 if name == "featcache" else "",
-                     feature_pass_img_s=180 if name == "featcache" else "", test_images=150)
+                     feature_pass_img_s=180 if name == "featcache" else "", test_images=150,
+                     feature_pass_shared_cores_img_s=170 if name == "featcache" else "",
+                     feature_pass_bound_fraction=0.72 if name == "featcache" else "")
             rows.append(r)
     rows.append(row("tfdata-dct", "cpu", None, None, None, None, status="error") | {"run_id": run_id,
                                                                                    "machine_id": machine_id})
