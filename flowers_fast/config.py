@@ -128,6 +128,9 @@ class RunConfig:
                        "e.g. AMD EPYC, where on about doubled MobileNetV2's speed), on, off",
                        choices=ONEDNN, group="measurement")
     breakdown: bool = knob(True, "also measure input-only and model-only throughput", group="measurement")
+    rate_seconds: float = knob(4.0, "the breakdown's and modelonly's in-memory rates: least seconds of steady-state "
+                               "calls behind each (featcache's engines: in 3 turns each); the smoke preset uses 0.5",
+                               minimum=0.1, group="measurement")
     profile: str | None = knob(None, "write a TensorFlow Profiler trace of a few steady-state train steps (featcache: "
                                "also a slice of the feature pass), run after the timed epochs, to DIR (bench run: "
                                "DIR/<run id>-<machine id>/<config>-<device>-r<repeat>); view it in TensorBoard's "

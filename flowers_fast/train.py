@@ -304,7 +304,8 @@ def _breakdown(ctx: RunContext, model_rate: float, warmup_s: float, input_rate: 
 
 
 def _train_rate(ctx: RunContext, model, input_dtype) -> tuple[float, float]:
-    return metrics.model_only_train_rate(model, ctx.cfg.image_size, ctx.global_batch, ctx.num_classes, input_dtype)
+    return metrics.model_only_train_rate(model, ctx.cfg.image_size, ctx.global_batch, ctx.num_classes, input_dtype,
+                                         min_seconds=ctx.cfg.rate_seconds)
 
 
 def _kept(files, skipped):
@@ -585,7 +586,8 @@ def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
         fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
         reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
         steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
-    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch)
+    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch, rounds=3,
+                                                   min_seconds=cfg.rate_seconds / 3)
     if "tf_fp32" in steps and eng.name != "tf" and math.isnan(ctx.row.get("feature_cosine_vs_fp32", math.nan)):
         ctx.row["feature_cosine_vs_fp32"] = _feature_cosine(ctx, eng, reference)  # not kept with reused features
     same = eng.name == "tf" and eng.precision == "float32"
@@ -614,7 +616,7 @@ def _run_modelonly(ctx: RunContext) -> RunResult:
     epochs: on a CPU, XLA runs MobileNetV2 too slowly to train a whole set within a sweep."""
     model = _compiled(ctx, lambda: models.build_classifier(ctx.backbone, ctx.num_classes, ctx.cfg, "uint8"))
     rate, warm = metrics.model_only_train_rate(model, ctx.cfg.image_size, ctx.global_batch, ctx.num_classes,
-                                               tf.uint8, min_seconds=5.0, min_calls=2)
+                                               tf.uint8, min_seconds=ctx.cfg.rate_seconds, min_calls=2)
     ctx.row.update(train_img_s=rate, end_to_end_img_s=rate)
     _breakdown(ctx, rate, warm)
     ctx.profile_steps = profiling.Steps(model, profiling.batch_steps, ctx.cfg.image_size, ctx.global_batch,
