@@ -22,6 +22,8 @@ DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "mixed", "int8")
 ENGINES = ("tf", "openvino")
 ONEDNN = ("auto", "on", "off")
+# oneDNN's instruction-set levels (ONEDNN_MAX_CPU_ISA), lowest first; "all" = what the CPU has.
+MAX_ISA = ("all", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni", "avx512_core_bf16", "avx512_core_amx")
 STRATEGIES = ("default", "mirrored", "multiworker")
 CACHES = ("memory", "file", "none")
 
@@ -127,6 +129,10 @@ class RunConfig:
                        "auto = TensorFlow's own choice (on only for CPUs with AVX512-VNNI, AVX512-BF16 or AMX; off on "
                        "e.g. AMD EPYC, where on about doubled MobileNetV2's speed), on, off",
                        choices=ONEDNN, group="measurement")
+    max_isa: str = knob("all", "the highest instruction set oneDNN may use, in TensorFlow and OpenVINO alike "
+                        "(ONEDNN_MAX_CPU_ISA, set before either loads): avx2 runs oneDNN's kernels as on an "
+                        "AVX2-only CPU (no VNNI, no bf16); the CPU's clock, caches and TensorFlow's own kernels "
+                        "stay this machine's", choices=MAX_ISA, group="measurement")
     breakdown: bool = knob(True, "also measure input-only and model-only throughput", group="measurement")
     rate_seconds: float = knob(4.0, "the breakdown's and modelonly's in-memory rates: least seconds of steady-state "
                                "calls behind each (featcache's engines: in 3 turns each); the smoke preset uses 0.5",

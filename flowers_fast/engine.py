@@ -18,6 +18,7 @@ the README's results.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .config import MAX_ISA
 from .errors import UnsupportedError
 
 # OpenVINO's element type names -> the dtype names used everywhere else in the row.
@@ -62,8 +64,15 @@ def cpu_capabilities() -> list[str]:
     return [str(c) for c in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
+def isa_capped_below(level: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (``--max-isa``) keeps oneDNN below ``level`` (a MAX_ISA name)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "all").lower()
+    return cap in MAX_ISA and cap != "all" and MAX_ISA.index(cap) < MAX_ISA.index(level)
+
+
 def cpu_has_bf16() -> bool:
-    return "BF16" in cpu_capabilities()
+    # OpenVINO reports the CPU's bf16 even when oneDNN may not use it (--max-isa below it).
+    return "BF16" in cpu_capabilities() and not isa_capped_below("avx512_core_bf16")
 
 
 def check_precision(precision: str, flag: str = "--engine openvino --precision mixed") -> None:

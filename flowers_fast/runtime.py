@@ -36,6 +36,17 @@ def set_onednn(choice: str) -> None:
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1" if choice == "on" else "0"
 
 
+def set_max_isa(choice: str) -> None:
+    """oneDNN reads ONEDNN_MAX_CPU_ISA once, when TensorFlow's or OpenVINO's CPU kernels load:
+    set it before either (``all`` leaves the user's own setting, if any, alone)."""
+    if choice == "all":
+        return
+    loaded = [m for m in ("tensorflow", "openvino") if m in sys.modules]
+    if loaded and os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower() != choice:
+        raise RuntimeError(f"--max-isa {choice}: {' and '.join(loaded)} already loaded; set it before they are imported")
+    os.environ["ONEDNN_MAX_CPU_ISA"] = choice.upper()
+
+
 def onednn_enabled() -> bool | None:
     """Whether TensorFlow runs its oneDNN kernels in this process (None when it cannot say)."""
     try:
@@ -54,6 +65,7 @@ def setup(cfg: RunConfig) -> None:
     if cfg.device == "cpu":
         hide_gpus_early()
     set_onednn(cfg.onednn)
+    set_max_isa(cfg.max_isa)
     if cfg.strategy == "multiworker":
         from . import cluster
 

@@ -176,3 +176,63 @@ def test_machine_facts_name_the_isa_extensions_the_cpu_has(monkeypatch, flags, i
 
     monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: {"flags": flags, "brand_raw": "Test CPU"})
     assert machine._cpu()["cpu_isa"] == isa
+
+
+# --- --max-isa: oneDNN's instruction set capped, in TensorFlow and OpenVINO ------------------------
+
+MAX_ISA_SCRIPT = r"""
+import collections, json, os, sys
+from flowers_fast import runtime
+from flowers_fast.config import RunConfig
+runtime.set_max_isa(sys.argv[1])  # before TensorFlow and OpenVINO load, as runtime.setup does
+from flowers_fast import engine
+import numpy as np
+import openvino.opset13 as ops
+ov = engine.import_openvino()
+x = ops.parameter([1, 16, 16, 32], ov.Type.f32)
+w = ops.constant(np.random.default_rng(0).random((64, 32, 1, 1), dtype=np.float32))
+y = ops.convolution(ops.transpose(x, ops.constant(np.array([0, 3, 1, 2]))), w, [1, 1], [0, 0], [0, 0], [1, 1])
+compiled = engine.core().compile_model(ov.Model([y], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+kinds = [op.get_rt_info()["primitiveType"].astype(str) for op in compiled.get_runtime_model().get_ops()
+         if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+print("OUT " + json.dumps({"env": os.environ.get("ONEDNN_MAX_CPU_ISA"), "kinds": kinds, "bf16": engine.cpu_has_bf16()}))
+"""
+
+
+def _max_isa_run(choice):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    res = subprocess.run([sys.executable, "-c", MAX_ISA_SCRIPT, choice], capture_output=True, text=True, timeout=120,
+                         env=env)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("OUT ")]
+    assert res.returncode == 0 and lines, res.stderr[-2000:]
+    return json.loads(lines[-1][4:])
+
+
+def test_max_isa_avx2_makes_openvino_pick_avx2_kernels_and_refuse_bf16():
+    """On any CPU with AVX2 (every CPU this project runs on): capped at avx2, OpenVINO's convolution
+    runs an AVX2 kernel (no AVX-512, no AMX) and bf16 is not offered, whatever the CPU has."""
+    capped = _max_isa_run("avx2")
+    assert capped["env"] == "AVX2" and capped["kinds"] and not capped["bf16"]
+    assert all("avx512" not in k and "amx" not in k for k in capped["kinds"]), capped["kinds"]
+    assert any("avx2" in k for k in capped["kinds"]), capped["kinds"]
+    free = _max_isa_run("all")
+    assert free["env"] is None  # nothing set: the CPU's own instruction set
+
+
+@pytest.mark.parametrize("cap,below_bf16", [("avx2", True), ("avx512_core_vnni", True), ("avx512_core_bf16", False),
+                                            ("avx512_core_amx", False), ("ALL", False), ("bogus", False)])
+def test_a_cap_below_bf16_means_no_bf16_even_where_openvino_reports_it(cap, below_bf16, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_capabilities", lambda: WITH_BF16)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert engine.cpu_has_bf16() is not below_bf16
+
+
+def test_max_isa_after_tensorflow_loaded_is_refused(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert "tensorflow" in sys.modules  # this test process has it loaded
+    with pytest.raises(RuntimeError, match="--max-isa avx2: tensorflow.*already loaded"):
+        runtime.set_max_isa("avx2")
+    runtime.set_max_isa("all")  # nothing asked: nothing to refuse
