@@ -163,7 +163,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
     n_train, n_test = len(train_f.files), len(test_f.files)
     ctx.profile_extra = lambda: profiling.feature_slice(eng or _feature_engine(ctx)[0], split.train_files,
                                                         split.train_labels, cfg)
-    y_true, y_pred = train._fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head", extra_s=feature_pass)
+    y_true, y_pred = train._fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head",
+                                         extra_s=feature_pass)
     # End to end, an image costs its feature pass plus its head epochs.
     row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
     # Evaluating from images includes computing the test images' features.
@@ -181,7 +182,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
         row["decode_img_s"] = input_rate
         # The stage that the backbone limits is the feature pass, not the head's epochs.
         train._breakdown(ctx, rate, warm_s, input_rate=input_rate,
-                   e2e_rate=None if stored is not None else row["feature_pass_img_s"])
+                         e2e_rate=None if stored is not None else row["feature_pass_img_s"])
     return train.RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=test_f.files)
 
 
