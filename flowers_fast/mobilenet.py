@@ -109,14 +109,18 @@ def calibration_images(n: int, image_size: int, seed: int) -> np.ndarray:
 # --- TF Hub weights onto the Keras architecture -----------------------------------------------
 
 def _slim_to_keras(name: str) -> str:
-    """TF-Slim MobilenetV2 variable names (the real Hub model) -> Keras MobileNetV2 names."""
+    """TF-Slim MobilenetV2 variable names (the real Hub model) -> Keras MobileNetV2 names. With
+    batch norm folded into the convolutions, a convolution's ``biases`` is its batch norm's beta
+    (the rest of that batch norm is set to the identity: ``folded_batch_norm``)."""
     name = name.split(":")[0]
     name = re.sub(r"^.*?MobilenetV2/", "", name)
     kind = {"weights": "kernel", "depthwise_weights": "depthwise_kernel", "gamma": "gamma", "beta": "beta",
-            "moving_mean": "moving_mean", "moving_variance": "moving_variance"}
+            "moving_mean": "moving_mean", "moving_variance": "moving_variance", "biases": "beta"}
     parts = name.split("/")
     var = kind.get(parts[-1], parts[-1])
-    bn = "BatchNorm" in parts
+    if var == "kernel" and "depthwise" in parts[:-1]:  # folded: depthwise/weights, not depthwise_weights
+        var = "depthwise_kernel"
+    bn = "BatchNorm" in parts or parts[-1] == "biases"
     block = parts[0]
     if block == "Conv":
         return f"{'bn_Conv1' if bn else 'Conv1'}/{var}"
@@ -131,10 +135,11 @@ def _slim_to_keras(name: str) -> str:
 
 
 def map_hub_weights(hub_weights, model: "keras.Model") -> tuple[dict, int]:
-    """({model variable name: Hub variable}, number of model variables) by name (Keras or
-    TF-Slim), falling back to creation order when the names don't line up but every shape does.
-    Fewer matches than variables means the Hub model is not this architecture (for example
-    batch norm folded into the convolutions)."""
+    """({model variable name: Hub variable or array}, number of model variables) by name (Keras
+    or TF-Slim), falling back to creation order when the names don't line up but every shape does.
+    Batch norm folded into the convolutions (every convolution with biases, no batch-norm
+    variables: Google's Hub MobileNetV2) maps too, see ``folded_batch_norm``. Fewer matches than
+    variables means the Hub model is not this architecture."""
     source = list(hub_weights)
     targets = model.weights
     by_name = {w.name.split(":")[0]: w for w in targets}
@@ -147,7 +152,29 @@ def map_hub_weights(hub_weights, model: "keras.Model") -> tuple[dict, int]:
     if len(assigned) != len(targets) and len(source) == len(targets) and all(
             tuple(a.shape) == tuple(b.shape) for a, b in zip(source, targets)):
         assigned = {t.name.split(":")[0]: s for t, s in zip(targets, source)}
+    if len(assigned) != len(targets):
+        assigned.update(folded_batch_norm(model, assigned))
     return assigned, len(targets)
+
+
+def folded_batch_norm(model: "keras.Model", assigned: dict) -> dict:
+    """For weights whose batch norm is folded into the convolutions (kernel' = kernel * scale,
+    bias = beta - mean * scale): every batch norm whose beta took a convolution's bias becomes
+    conv + bias exactly, gamma 1, moving mean 0, moving variance 1 - epsilon (so the divisor is
+    1). The layers stay where Keras has them (the tutorial's layer indices hold) and, in inference
+    mode, compute what the Hub model computes. {} unless all batch norms are so and none has its
+    own statistics."""
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    names = {w.name.split(":")[0]: w for bn in bns for w in bn.weights}
+    if not bns or any(f"{bn.name}/beta" not in assigned for bn in bns) or any(
+            n in assigned for n in names if not n.endswith("/beta")):
+        return {}
+    out = {}
+    for bn in bns:
+        ones = np.ones(bn.gamma.shape, np.float32)
+        out.update({f"{bn.name}/gamma": ones, f"{bn.name}/moving_mean": 0 * ones,
+                    f"{bn.name}/moving_variance": (1.0 - bn.epsilon) * ones})
+    return out if len(out) + len(assigned) == len(model.weights) else {}
 
 
 def assign_weights(model: "keras.Model", assigned: dict) -> None:

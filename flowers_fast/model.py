@@ -6,8 +6,9 @@ policy only reaches the head, and feeding bfloat16 into the SavedModel's float32
 crashes. So ``precision=mixed`` takes one of these routes, recorded in the row's ``mixed_route``:
 
 - ``native``: MobileNetV2 rebuilt natively under the mixed policy (``mobilenet``), the Hub
-  weights copied in and the output checked against the Hub model;
-- where the weights do not map (e.g. batch norm folded into the convolutions), a graph-level
+  weights copied in (also with batch norm folded into the convolutions, as Google's Hub models
+  have it) and the output checked against the Hub model;
+- where the weights do not map (another architecture, an opaque SavedModel), a graph-level
   rewrite of the float32 Hub function: ``grappler-fp16`` (grappler's ``auto_mixed_precision``)
   on a GPU, ``grappler-onednn-bf16`` (``auto_mixed_precision_onednn_bfloat16``, which needs
   TensorFlow's oneDNN kernels) on a CPU;

@@ -1,7 +1,8 @@
 """Train and evaluate one configuration: one runner per pipeline, all called the same way.
 
 ``run`` builds a :class:`RunContext` (configuration, data, split, strategy, backbone, the row
-being filled) and hands it to the pipeline's runner from ``RUNNERS``. Every runner fits and
+being filled) and hands it to the pipeline's runner from ``runners.RUNNERS`` (one module per
+runner in ``flowers_fast/runners/``); this module keeps the steps they share. Every runner fits and
 evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 ``_breakdown``. The result is a flat dict of metrics (one CSV row) plus what later steps need
 (the model, test predictions). Times are wall seconds in this process; the first epoch
@@ -11,10 +12,8 @@ evaluates through ``_fit_evaluate`` and records its per-stage breakdown through
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,10 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import baseline, cluster, data, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling
-from . import quantize, runtime
+from . import cluster, data, distribute, engine, metrics, profiling, runtime
 from . import model as models
 from .config import RunConfig
-from .errors import DataError, UnsupportedError, UserError, printable
+from .errors import UserError, printable
 from .tfkeras import keras, tf
 
 MODELONLY_CLASSES = 5  # modelonly has no dataset: the flowers' five classes
@@ -88,6 +86,8 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
     """Train and evaluate ``cfg``; the process-global setup (runtime.setup) must be done first.
     ``predictions=False`` skips predicting the test set a second time after evaluation (the
     result's ``y_pred`` stays empty): a sweep's rows need only the evaluation's metrics."""
+    from .runners import RUNNERS  # here, not at the top: the runners import this module
+
     t_start = time.perf_counter()
     runner = RUNNERS[cfg.pipeline]
     if cfg.engine == "openvino":
@@ -326,72 +326,6 @@ def _record_prep(ctx: RunContext, seconds: float, n_train: int, n_test: int, ski
                    exif_orientation=exif)
 
 
-# --- the runners ----------------------------------------------------------------------------
-
-def _run_naive(ctx: RunContext) -> RunResult:
-    cfg = ctx.cfg
-    start = time.perf_counter()
-    X_train, y_train, X_test, y_test, skipped = baseline.prepare(ctx.dataset, ctx.split, cfg.image_size,
-                                                                 cfg.naive_rgb, ctx.progress, cfg.strict)
-    prep = time.perf_counter() - start
-    _record_prep(ctx, prep, len(X_train), len(X_test), skipped, "RGB" if cfg.naive_rgb else "BGR")
-    model = _compiled(ctx, lambda: models.build_classifier(ctx.backbone, ctx.num_classes, cfg, input_kind="unit"))
-    y_true, y_pred = _fit_evaluate(ctx, model, X_train, X_test, len(X_train), len(X_test), prep, "naive",
-                                   train_y=y_train, test_y=y_test, batch_size=ctx.global_batch)
-    if cfg.breakdown:
-        # The naive input path: decoding is the load above; an in-memory array feeds at memory speed.
-        _breakdown(ctx, *_train_rate(ctx, model, tf.float32), input_rate=(len(X_train) + len(X_test)) / prep,
-                   e2e_rate=ctx.row["end_to_end_img_s"])
-    return RunResult(ctx.row, model, y_true=y_true, y_pred=y_pred, test_files=_kept(ctx.split.test_files, skipped))
-
-
-def _run_tutorial(ctx: RunContext) -> RunResult:
-    cfg, split = ctx.cfg, ctx.split
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="flowers_fast_tutorial_") as work:
-        train_ds, test_ds = pipeline.tutorial_datasets(split, ctx.dataset.classes, cfg, ctx.global_batch, Path(work))
-        # Fill the cache (the tutorial's first epoch would); counts as data preparation.
-        try:
-            with _files_stay(ctx):
-                n_train = sum(int(tf.shape(x)[0]) for x, _ in train_ds)
-                n_test = sum(int(tf.shape(x)[0]) for x, _ in test_ds)
-        except tf.errors.InvalidArgumentError:
-            # The tutorial's loader stops at the first undecodable file (ours skips and counts);
-            # TensorFlow does not say which file, so find them.
-            raise _tutorial_decode_error(ctx.dataset, split.train_files + split.test_files) from None
-        prep = time.perf_counter() - start
-        # TF's loader uses the pixels as stored: EXIF orientation ignored, unlike cv2 and our tf.data.
-        _record_prep(ctx, prep, n_train, n_test, [], "RGB", exif="ignored")
-        ctx.row["skipped_files"] = len(split.train_files) + len(split.test_files) - n_train - n_test
-        return _train_on_datasets(ctx, train_ds, test_ds, n_train, n_test, prep, "float255")
-
-
-def _tutorial_decode_error(dataset: data.ImageFolder, files) -> DataError:
-    """Which of ``files`` the tutorial's loader (``tf.io.decode_image``) cannot decode, as one
-    error (a class none of whose images decode is named as that)."""
-    bad = []
-    for path in files:
-        try:
-            tf.io.decode_image(tf.io.read_file(os.fsencode(path)), channels=3, expand_animations=False)
-        except (tf.errors.OpError, ValueError):
-            bad.append(path)
-    data.check_classes(dataset, bad)
-    first = bad[0] if bad else "an image"
-    return DataError(f"{first}: cannot be decoded as an image by the tutorial's loader ({len(bad)} such files), "
-                     "which stops at them; remove them, or use --pipeline tfdata, which skips and counts them")
-
-
-def _run_tfdata(ctx: RunContext) -> RunResult:
-    cfg = ctx.cfg
-    dec = pipeline.prepare(cfg, ctx.split, ctx.progress)
-    _record_prep(ctx, dec.seconds, dec.n_train, dec.n_test, dec.skipped, "RGB", dec.oriented)
-    train_ds = distribute.maybe_data_service(pipeline.train_dataset(dec.train, cfg, ctx.global_batch), cfg)
-    test_ds = pipeline.eval_dataset(dec.test, cfg, ctx.global_batch)
-    result = _train_on_datasets(ctx, train_ds, test_ds, dec.n_train, dec.n_test, dec.seconds, "uint8")
-    result.test_files = _kept(ctx.split.test_files, dec.skipped)
-    return result
-
-
 def _train_on_datasets(ctx: RunContext, train_ds, test_ds, n_train, n_test, prep, input_kind) -> RunResult:
     """The tutorial's and our tf.data pipelines from here on: fit, evaluate, break down."""
     model = _compiled(ctx, lambda: models.build_classifier(ctx.backbone, ctx.num_classes, ctx.cfg, input_kind))
@@ -401,233 +335,3 @@ def _train_on_datasets(ctx: RunContext, train_ds, test_ds, n_train, n_test, prep
         _breakdown(ctx, *_train_rate(ctx, model, input_dtype),
                    input_rate=metrics.input_only_rate(train_ds, ctx.global_batch), e2e_rate=ctx.row["end_to_end_img_s"])
     return RunResult(ctx.row, model, y_true=y_true, y_pred=y_pred)
-
-
-@dataclass
-class Features:
-    """One part's features from the feature pass, in file order, and what it cost."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    files: tuple  # the files that decoded, aligned with the rows
-    seconds: float
-
-
-def _feature_engine(ctx: RunContext) -> tuple[engine.Engine, float]:
-    """The engine that runs the frozen backbone, warmed up on one in-memory batch (tracing, XLA
-    compile, OpenVINO's first inference): (engine, warm-up seconds); its setup is ``setup_s``."""
-    cfg = ctx.cfg
-    fn = models.feature_function(ctx.backbone, cfg.image_size, cfg.xla_backbone)
-    if cfg.precision == "int8":
-        eng = _int8_engine(ctx, fn)
-    else:
-        eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
-    start = time.perf_counter()
-    eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))
-    return eng, time.perf_counter() - start
-
-
-def _int8_engine(ctx: RunContext, fn) -> engine.Engine:
-    """OpenVINO on NNCF's int8 model of ``fn``, calibrated on a seeded sample of the training
-    images (or taken from the store), then checked on other training images against TensorFlow
-    float32: below ``--int8-min-cosine`` the run stops with a skipped row, never labelled int8.
-    Calibration and quantization count in the engine's setup (so in ``total_s``) and on their own."""
-    cfg, split = ctx.cfg, ctx.split
-    calibrate, held_out = quantize.sample(split.train_files, cfg.calibration_images, cfg.seed)
-
-    def decoded(files):
-        stream = pipeline.feature_stream(files, np.zeros(len(files), np.int32), cfg, cfg.feature_batch)
-        return [images.numpy() for images, _, _ in stream]
-
-    q = quantize.quantized_model(lambda: engine.convert(fn), cfg, ctx.cache,
-                                 featurestore.model_fingerprint(ctx.backbone.handle), calibrate,
-                                 lambda: decoded(calibrate))
-    eng = engine.make("openvino", fn, "int8", model=q.model)
-    eng.setup_s += q.seconds
-    if eng.precision != "int8":
-        raise UnsupportedError(f"--precision int8: OpenVINO ran the quantized model's convolutions in {eng.precision}"
-                               ", not int8; use --precision fp32")
-    start = time.perf_counter()
-    cosine = q.info.get("cosine")
-    if cosine is None:
-        cosine = _feature_cosine(ctx, eng, images=np.concatenate(decoded(held_out)))
-    ctx.row.update(quantize_s=q.seconds, quantized_reused=q.reused, calibration_files=len(calibrate),
-                   feature_cosine_vs_fp32=cosine, feature_cosine_on=f"{len(held_out)} held-out training images",
-                   feature_check_s=time.perf_counter() - start)
-    if cosine < cfg.int8_min_cosine:
-        raise UnsupportedError(f"--precision int8: the quantized features moved too far from float32's (least cosine "
-                               f"{cosine:.4f} on {len(held_out)} held-out training images, below --int8-min-cosine "
-                               f"{cfg.int8_min_cosine}); calibrate on more images (--calibration-images) or use "
-                               "--precision mixed or fp32")
-    if not q.reused:
-        quantize.save(ctx.cache, q.info["digest"], q.model, dict(q.info, cosine=cosine))
-    return eng
-
-
-def _stream_features(ctx: RunContext, eng: engine.Engine, files, labels, part: str) -> Features:
-    """Decode ``files`` and run them through ``eng`` in one overlapped stream (see
-    pipeline.feature_stream): nothing but the features is kept."""
-    cfg = ctx.cfg
-    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch)
-    steps = -(-len(files) // cfg.feature_batch)
-    batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
-               tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
-    start = time.perf_counter()
-    out = eng.run(batches)
-    seconds = time.perf_counter() - start
-    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)
-    pipeline.undecodable(files, kept, cfg.strict, part)
-    dim = ctx.backbone.feature_dim
-    feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, dim), np.float32)
-    y = np.concatenate([y for _, (y, _) in out]) if out else np.zeros(0, np.int32)
-    return Features(feats, y, kept, seconds)
-
-
-def _stored_features(stored: dict, files, labels, strict: bool, part: str) -> Features:
-    """One part's features from a ``featurestore`` file: the files it lacks did not decode."""
-    kept = tuple(f for f in files if f in stored)
-    pipeline.undecodable(files, kept, strict, part)
-    label_of = dict(zip(files, labels))
-    return Features(np.stack([stored[f] for f in kept]), np.asarray([label_of[f] for f in kept], np.int32), kept, 0.0)
-
-
-def _run_featcache(ctx: RunContext) -> RunResult:
-    """Frozen backbone, no augmentation: compute each image's features once, streamed straight
-    from the files, then train the head on them. The train images' pass counts towards a trained
-    model, the test images' towards evaluation; the engine's setup and warm-up are timed apart.
-    With ``reuse_features``, features stored by an earlier run with the same key are loaded instead."""
-    cfg, row, split = ctx.cfg, ctx.row, ctx.split
-    digest, parts, stored = "", {}, None
-    if cfg.reuse_features:
-        digest, parts = featurestore.key(cfg, ctx.backbone.handle, ctx.backbone.compute_dtype,
-                                         split.train_files + split.test_files)
-        start = time.perf_counter()
-        stored = featurestore.load(ctx.cache, digest)
-    if stored is not None:
-        train_f = _stored_features(stored[0], split.train_files, split.train_labels, cfg.strict, "train")
-        test_f = _stored_features(stored[0], split.test_files, split.test_labels, cfg.strict, "test")
-        # No pass ran: its cost is reading the file; its rate is not measured.
-        train_f.seconds = time.perf_counter() - start
-        eng, warm, precision, pass_rate = None, 0.0, stored[1], float("nan")
-        row["engine_setup_s"] = 0.0
-        # Another engine's cosine is the one stored with its features (NaN in a store from before it
-        # was kept: the breakdown measures it); TensorFlow's is the backbone's, unless one was stored.
-        if cfg.engine != "tf" or not math.isnan(stored[2]):
-            row["feature_cosine_vs_fp32"] = stored[2]
-    else:
-        eng, warm = _feature_engine(ctx)
-        train_f = _stream_features(ctx, eng, split.train_files, split.train_labels, "train")
-        test_f = _stream_features(ctx, eng, split.test_files, split.test_labels, "test")
-        precision, pass_rate = eng.precision, len(train_f.files) / train_f.seconds
-        row.update(engine_setup_s=eng.setup_s)
-        if eng.name != "tf" and "feature_cosine_on" not in row:
-            # Every row of another engine says how far it moved the features (bf16 most of all);
-            # a check, not part of the job: timed on its own, outside total_s.
-            start = time.perf_counter()
-            row.update(feature_cosine_vs_fp32=_feature_cosine(ctx, eng), feature_cosine_on="8 synthetic flowers",
-                       feature_check_s=time.perf_counter() - start)
-        if digest:
-            featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
-                              np.concatenate([train_f.features, test_f.features]), precision,
-                              row.get("feature_cosine_vs_fp32", float("nan")))
-    skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
-    # Decoding happens inside the feature pass: there is no separate preparation step.
-    _record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
-    feature_pass = row["engine_setup_s"] + warm + train_f.seconds
-    row.update(compute_dtype=precision, feature_batch=cfg.feature_batch, feature_pass_warmup_s=warm,
-               feature_pass_s=train_f.seconds,
-               feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
-               features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
-    train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
-                                                  cfg, ctx.global_batch)
-
-    def build():
-        keras.utils.set_random_seed(cfg.seed)
-        return models.head_model(ctx.num_classes, ctx.backbone.feature_dim, cfg)
-
-    model = _compiled(ctx, build)
-    n_train, n_test = len(train_f.files), len(test_f.files)
-    ctx.profile_extra = lambda: profiling.feature_slice(eng or _feature_engine(ctx)[0], split.train_files,
-                                                        split.train_labels, cfg)
-    y_true, y_pred = _fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head", extra_s=feature_pass)
-    # End to end, an image costs its feature pass plus its head epochs.
-    row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
-    # Evaluating from images includes computing the test images' features.
-    row["eval_s"] += test_f.seconds
-    row["eval_img_s"] = n_test / row["eval_s"]
-    row["decode_img_s"] = float("nan")
-    if cfg.breakdown:
-        if eng is None:  # features were reused: the engine is built only to be measured
-            eng, _ = _feature_engine(ctx)
-        rate, warm_s = _engine_rates(ctx, eng)
-        sample = split.train_files[:8 * cfg.feature_batch]
-        input_rate = metrics.input_only_rate(
-            pipeline.feature_stream(sample, split.train_labels[:len(sample)], cfg, cfg.feature_batch),
-            cfg.feature_batch)
-        row["decode_img_s"] = input_rate
-        # The stage that the backbone limits is the feature pass, not the head's epochs.
-        _breakdown(ctx, rate, warm_s, input_rate=input_rate,
-                   e2e_rate=None if stored is not None else row["feature_pass_img_s"])
-    return RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=test_f.files)
-
-
-def _engine_rates(ctx: RunContext, eng: engine.Engine) -> tuple[float, float]:
-    """The feature engine's forward images/s on one in-memory batch (and its warm-up seconds),
-    measured in turns with TensorFlow float32 on the same batch in this process unless the engine
-    is that already: ``tf_fp32_forward_img_s``, ``engine_speedup_vs_tf_fp32`` and, for another engine,
-    ``feature_cosine_vs_fp32`` go into the row."""
-    cfg = ctx.cfg
-    x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch, cfg.image_size, cfg.image_size, 3),
-                                          dtype=np.uint8)
-    # Several batches per call, so that an engine with several streams keeps them all busy.
-    steps = {"engine": lambda: eng.run([(x, None)] * 4)}
-    # (A grappler rewrite is process-wide: no float32 TensorFlow function is left to compare with.)
-    if (eng.name != "tf" or eng.precision != "float32") and not ctx.backbone.mixed_route.startswith("grappler"):
-        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
-        reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
-        steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
-    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch, rounds=3,
-                                                   min_seconds=cfg.rate_seconds / 3)
-    if "tf_fp32" in steps and eng.name != "tf" and math.isnan(ctx.row.get("feature_cosine_vs_fp32", math.nan)):
-        ctx.row["feature_cosine_vs_fp32"] = _feature_cosine(ctx, eng, reference)  # not kept with reused features
-    same = eng.name == "tf" and eng.precision == "float32"
-    ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
-                   engine_speedup_vs_tf_fp32=1.0 if same else ratio)
-    return rates["engine"], warm["engine"]
-
-
-def _feature_cosine(ctx: RunContext, eng: engine.Engine, reference: engine.Engine | None = None,
-                    images: np.ndarray | None = None) -> float:
-    """The least cosine similarity between ``eng``'s features and TensorFlow float32's on uint8
-    ``images`` (default 8 synthetic flowers): how far this engine (and its precision) moves them."""
-    cfg = ctx.cfg
-    if reference is None:
-        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
-        reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
-    if images is None:
-        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
-    return float(models.cosine(eng(images), reference(images)).min())
-
-
-def _run_modelonly(ctx: RunContext) -> RunResult:
-    """tf_cnn_benchmarks' synthetic mode: train steps on one in-memory batch, no dataset at all.
-
-    It isolates the model (and XLA's compile time) from the input, in a few steps instead of
-    epochs: on a CPU, XLA runs MobileNetV2 too slowly to train a whole set within a sweep."""
-    model = _compiled(ctx, lambda: models.build_classifier(ctx.backbone, ctx.num_classes, ctx.cfg, "uint8"))
-    rate, warm = metrics.model_only_train_rate(model, ctx.cfg.image_size, ctx.global_batch, ctx.num_classes,
-                                               tf.uint8, min_seconds=ctx.cfg.rate_seconds, min_calls=2)
-    ctx.row.update(train_img_s=rate, end_to_end_img_s=rate)
-    _breakdown(ctx, rate, warm)
-    ctx.profile_steps = profiling.Steps(model, profiling.batch_steps, ctx.cfg.image_size, ctx.global_batch,
-                                        ctx.num_classes)
-    return RunResult(ctx.row, model)
-
-
-RUNNERS = {
-    "naive": Runner(_run_naive),
-    "tutorial": Runner(_run_tutorial),
-    "tfdata": Runner(_run_tfdata),
-    "featcache": Runner(_run_featcache),
-    "modelonly": Runner(_run_modelonly, needs_data=False),
-}

@@ -15,6 +15,7 @@ import pytest
 
 from flowers_fast import data, engine, featurestore, pipeline, synthetic, train
 from flowers_fast import model as models
+from flowers_fast.runners import featcache
 from flowers_fast.config import RunConfig
 from flowers_fast.errors import DataError
 from flowers_fast.tfkeras import tf
@@ -102,7 +103,7 @@ def test_strict_fails_on_an_undecodable_file_streamed_or_stored(bad_cfg, cache):
     def stream(strict):
         ctx = train.RunContext(bad_cfg.replace(strict=strict), cache, False, None, 4, {},
                                backbone=models.Backbone(None, "", "random", "float32", 3))
-        return train._stream_features(ctx, fake, ds.files, ds.labels, "train")
+        return featcache.stream_features(ctx, fake, ds.files, ds.labels, "train")
 
     with pytest.raises(DataError, match="cannot be decoded"):
         stream(strict=True)
@@ -110,8 +111,8 @@ def test_strict_fails_on_an_undecodable_file_streamed_or_stored(bad_cfg, cache):
     assert set(ds.files) - set(kept.files) == bad and kept.features.shape == (17, 3)
     stored = {f: np.zeros(3, np.float32) for f in kept.files}
     with pytest.raises(DataError, match="cannot be decoded"):
-        train._stored_features(stored, ds.files, ds.labels, True, "train")
-    assert len(train._stored_features(stored, ds.files, ds.labels, False, "train").files) == 17
+        featcache.stored_features(stored, ds.files, ds.labels, True, "train")
+    assert len(featcache.stored_features(stored, ds.files, ds.labels, False, "train").files) == 17
 
 
 def test_featcache_on_openvino_matches_tensorflow(on_tf, on_ov_stored):

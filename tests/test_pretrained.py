@@ -1,6 +1,7 @@
 """Every engine and precision on real ImageNet weights (../shared/pretrained, see its README):
-features within cosine 0.99 of TensorFlow float32's on the five real photos, and mixed precision
-for a Hub model whose batch norm is folded into its convolutions (the native rebuild cannot map it)."""
+features within cosine 0.99 of TensorFlow float32's on the five real photos; the native rebuild of
+a Hub model whose batch norm is folded into its convolutions, and the graph rewrite for models it
+cannot rebuild."""
 
 from __future__ import annotations
 
@@ -72,9 +73,29 @@ def test_openvino_features_match_tensorflow_float32(fp32, photos, reference, pre
     assert models.cosine(got[:1], got[1:2])[0] < 0.95  # different photos, different features
 
 
-def test_folded_batch_norm_cannot_be_rebuilt_natively(fp32):
-    with pytest.raises(models.NotMappable, match="maps only 35/260"):
-        models.native_mobilenet(fp32.layer, SIZE, "mixed_bfloat16")
+def test_folded_batch_norm_is_rebuilt_natively_with_identity_batch_norms(fp32, photos, reference):
+    """Google's Hub MobileNetV2 has no batch-norm variables (folded into the convolutions, which
+    carry biases): the Keras rebuild takes them, its batch norms the identity plus that bias, its
+    layers where Keras has them (the tutorial's layer 100), and gives the Hub model's features."""
+    from flowers_fast.tfkeras import keras
+
+    native = models.native_mobilenet(fp32.layer, SIZE, "float32")
+    got = native(photos.astype(np.float32) / 255.0).numpy()
+    assert models.cosine(got, reference).min() >= 0.9999
+    assert models.cosine(got[:1], got[1:2])[0] < 0.95  # not one feature for every photo
+    base = native.layers[-1]
+    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(bns) == 52 and all(np.all(bn.gamma.numpy() == 1) and np.all(bn.moving_mean.numpy() == 0) for bn in bns)
+    assert base.layers[100].name == "block_11_expand_relu"  # Keras's indexing, as the tutorial counts
+    mixed = models.native_mobilenet(fp32.layer, SIZE, "mixed_bfloat16")
+    assert models.conv_compute_dtype(mixed, SIZE) == "bfloat16"
+    assert models.cosine(mixed(photos.astype(np.float32) / 255.0).numpy(), reference).min() >= MIN_COSINE
+
+
+def test_mixed_precision_takes_the_native_route_on_the_hub_weights(cache):
+    mixed = models.build_backbone(RunConfig(model_handle=str(FEATURES), image_size=SIZE, precision="mixed"), cache)
+    assert mixed.mixed_route == models.NATIVE and mixed.compute_dtype == "bfloat16"
+    assert MIN_COSINE <= mixed.cosine_vs_fp32 < 1.0
 
 
 def test_without_onednn_a_cpu_has_no_tensorflow_bf16_route(fp32, monkeypatch):
@@ -110,8 +131,10 @@ runtime.setup(cfg)  # before TensorFlow loads
 from flowers_fast import model as models
 """ + PHOTOS.format(images=str(PRETRAINED / "images"), size=SIZE) + f"""
 cache = Path({str(cache)!r})
-reference = models.feature_function(models.build_backbone(cfg.replace(precision="fp32"), cache), {SIZE})(photos)
-mixed = models.build_backbone(cfg, cache)
+fp32 = models.build_backbone(cfg.replace(precision="fp32"), cache)
+reference = models.feature_function(fp32, {SIZE})(photos)
+# The route for a Hub model the native rebuild cannot carry (this one it can: asked for directly).
+mixed = models.graph_mixed(cfg, fp32.layer, fp32.handle, fp32.weights, fp32.feature_dim, "not mappable")
 got = models.feature_function(mixed, {SIZE})(photos).numpy()
 print(json.dumps(dict(route=mixed.mixed_route, dtype=mixed.compute_dtype, onednn=runtime.onednn_enabled(),
                       cosine=float(models.cosine(got, reference.numpy()).min()), row=mixed.cosine_vs_fp32)))

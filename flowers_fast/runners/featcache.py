@@ -1,0 +1,224 @@
+"""featcache: the frozen backbone's features computed once, streamed from the files by an engine
+(or loaded from ``featurestore``), then only the head trained on them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import engine, featurestore, metrics, mobilenet, pipeline, profiling, quantize, train
+from .. import model as models
+from ..errors import UnsupportedError
+from ..tfkeras import keras
+
+
+@dataclass
+class Features:
+    """One part's features from the feature pass, in file order, and what it cost."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    files: tuple  # the files that decoded, aligned with the rows
+    seconds: float
+
+
+def _feature_engine(ctx: train.RunContext) -> tuple[engine.Engine, float]:
+    """The engine that runs the frozen backbone, warmed up on one in-memory batch (tracing, XLA
+    compile, OpenVINO's first inference): (engine, warm-up seconds); its setup is ``setup_s``."""
+    cfg = ctx.cfg
+    fn = models.feature_function(ctx.backbone, cfg.image_size, cfg.xla_backbone)
+    if cfg.precision == "int8":
+        eng = _int8_engine(ctx, fn)
+    else:
+        eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
+    start = time.perf_counter()
+    eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))
+    return eng, time.perf_counter() - start
+
+
+def _int8_engine(ctx: train.RunContext, fn) -> engine.Engine:
+    """OpenVINO on NNCF's int8 model of ``fn``, calibrated on a seeded sample of the training
+    images (or taken from the store), then checked on other training images against TensorFlow
+    float32: below ``--int8-min-cosine`` the run stops with a skipped row, never labelled int8.
+    Calibration and quantization count in the engine's setup (so in ``total_s``) and on their own."""
+    cfg, split = ctx.cfg, ctx.split
+    calibrate, held_out = quantize.sample(split.train_files, cfg.calibration_images, cfg.seed)
+
+    def decoded(files):
+        stream = pipeline.feature_stream(files, np.zeros(len(files), np.int32), cfg, cfg.feature_batch)
+        return [images.numpy() for images, _, _ in stream]
+
+    q = quantize.quantized_model(lambda: engine.convert(fn), cfg, ctx.cache,
+                                 featurestore.model_fingerprint(ctx.backbone.handle), calibrate,
+                                 lambda: decoded(calibrate))
+    eng = engine.make("openvino", fn, "int8", model=q.model)
+    eng.setup_s += q.seconds
+    if eng.precision != "int8":
+        raise UnsupportedError(f"--precision int8: OpenVINO ran the quantized model's convolutions in {eng.precision}"
+                               ", not int8; use --precision fp32")
+    start = time.perf_counter()
+    cosine = q.info.get("cosine")
+    if cosine is None:
+        cosine = _feature_cosine(ctx, eng, images=np.concatenate(decoded(held_out)))
+    ctx.row.update(quantize_s=q.seconds, quantized_reused=q.reused, calibration_files=len(calibrate),
+                   feature_cosine_vs_fp32=cosine, feature_cosine_on=f"{len(held_out)} held-out training images",
+                   feature_check_s=time.perf_counter() - start)
+    if cosine < cfg.int8_min_cosine:
+        raise UnsupportedError(f"--precision int8: the quantized features moved too far from float32's (least cosine "
+                               f"{cosine:.4f} on {len(held_out)} held-out training images, below --int8-min-cosine "
+                               f"{cfg.int8_min_cosine}); calibrate on more images (--calibration-images) or use "
+                               "--precision mixed or fp32")
+    if not q.reused:
+        quantize.save(ctx.cache, q.info["digest"], q.model, dict(q.info, cosine=cosine))
+    return eng
+
+
+def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str) -> Features:
+    """Decode ``files`` and run them through ``eng`` in one overlapped stream (see
+    pipeline.feature_stream): nothing but the features is kept."""
+    cfg = ctx.cfg
+    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch)
+    steps = -(-len(files) // cfg.feature_batch)
+    batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
+               tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
+    start = time.perf_counter()
+    out = eng.run(batches)
+    seconds = time.perf_counter() - start
+    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)
+    pipeline.undecodable(files, kept, cfg.strict, part)
+    dim = ctx.backbone.feature_dim
+    feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, dim), np.float32)
+    y = np.concatenate([y for _, (y, _) in out]) if out else np.zeros(0, np.int32)
+    return Features(feats, y, kept, seconds)
+
+
+def stored_features(stored: dict, files, labels, strict: bool, part: str) -> Features:
+    """One part's features from a ``featurestore`` file: the files it lacks did not decode."""
+    kept = tuple(f for f in files if f in stored)
+    pipeline.undecodable(files, kept, strict, part)
+    label_of = dict(zip(files, labels))
+    return Features(np.stack([stored[f] for f in kept]), np.asarray([label_of[f] for f in kept], np.int32), kept, 0.0)
+
+
+def run(ctx: train.RunContext) -> train.RunResult:
+    """Frozen backbone, no augmentation: compute each image's features once, streamed straight
+    from the files, then train the head on them. The train images' pass counts towards a trained
+    model, the test images' towards evaluation; the engine's setup and warm-up are timed apart.
+    With ``reuse_features``, features stored by an earlier run with the same key are loaded instead."""
+    cfg, row, split = ctx.cfg, ctx.row, ctx.split
+    digest, parts, stored = "", {}, None
+    if cfg.reuse_features:
+        digest, parts = featurestore.key(cfg, ctx.backbone.handle, ctx.backbone.compute_dtype,
+                                         split.train_files + split.test_files)
+        start = time.perf_counter()
+        stored = featurestore.load(ctx.cache, digest)
+    if stored is not None:
+        train_f = stored_features(stored[0], split.train_files, split.train_labels, cfg.strict, "train")
+        test_f = stored_features(stored[0], split.test_files, split.test_labels, cfg.strict, "test")
+        # No pass ran: its cost is reading the file; its rate is not measured.
+        train_f.seconds = time.perf_counter() - start
+        eng, warm, precision, pass_rate = None, 0.0, stored[1], float("nan")
+        row["engine_setup_s"] = 0.0
+        # Another engine's cosine is the one stored with its features (NaN in a store from before it
+        # was kept: the breakdown measures it); TensorFlow's is the backbone's, unless one was stored.
+        if cfg.engine != "tf" or not math.isnan(stored[2]):
+            row["feature_cosine_vs_fp32"] = stored[2]
+    else:
+        eng, warm = _feature_engine(ctx)
+        train_f = stream_features(ctx, eng, split.train_files, split.train_labels, "train")
+        test_f = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
+        precision, pass_rate = eng.precision, len(train_f.files) / train_f.seconds
+        row.update(engine_setup_s=eng.setup_s)
+        if eng.name != "tf" and "feature_cosine_on" not in row:
+            # Every row of another engine says how far it moved the features (bf16 most of all);
+            # a check, not part of the job: timed on its own, outside total_s.
+            start = time.perf_counter()
+            row.update(feature_cosine_vs_fp32=_feature_cosine(ctx, eng), feature_cosine_on="8 synthetic flowers",
+                       feature_check_s=time.perf_counter() - start)
+        if digest:
+            featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
+                              np.concatenate([train_f.features, test_f.features]), precision,
+                              row.get("feature_cosine_vs_fp32", float("nan")))
+    skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
+    # Decoding happens inside the feature pass: there is no separate preparation step.
+    train._record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
+    feature_pass = row["engine_setup_s"] + warm + train_f.seconds
+    row.update(compute_dtype=precision, feature_batch=cfg.feature_batch, feature_pass_warmup_s=warm,
+               feature_pass_s=train_f.seconds,
+               feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
+               features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
+    train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
+                                                  cfg, ctx.global_batch)
+
+    def build():
+        keras.utils.set_random_seed(cfg.seed)
+        return models.head_model(ctx.num_classes, ctx.backbone.feature_dim, cfg)
+
+    model = train._compiled(ctx, build)
+    n_train, n_test = len(train_f.files), len(test_f.files)
+    ctx.profile_extra = lambda: profiling.feature_slice(eng or _feature_engine(ctx)[0], split.train_files,
+                                                        split.train_labels, cfg)
+    y_true, y_pred = train._fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head",
+                                         extra_s=feature_pass)
+    # End to end, an image costs its feature pass plus its head epochs.
+    row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
+    # Evaluating from images includes computing the test images' features.
+    row["eval_s"] += test_f.seconds
+    row["eval_img_s"] = n_test / row["eval_s"]
+    row["decode_img_s"] = float("nan")
+    if cfg.breakdown:
+        if eng is None:  # features were reused: the engine is built only to be measured
+            eng, _ = _feature_engine(ctx)
+        rate, warm_s = _engine_rates(ctx, eng)
+        sample = split.train_files[:8 * cfg.feature_batch]
+        input_rate = metrics.input_only_rate(
+            pipeline.feature_stream(sample, split.train_labels[:len(sample)], cfg, cfg.feature_batch),
+            cfg.feature_batch)
+        row["decode_img_s"] = input_rate
+        # The stage that the backbone limits is the feature pass, not the head's epochs.
+        train._breakdown(ctx, rate, warm_s, input_rate=input_rate,
+                         e2e_rate=None if stored is not None else row["feature_pass_img_s"])
+    return train.RunResult(row, model, y_true=y_true, y_pred=y_pred, test_files=test_f.files)
+
+
+def _engine_rates(ctx: train.RunContext, eng: engine.Engine) -> tuple[float, float]:
+    """The feature engine's forward images/s on one in-memory batch (and its warm-up seconds),
+    measured in turns with TensorFlow float32 on the same batch in this process unless the engine
+    is that already: ``tf_fp32_forward_img_s``, ``engine_speedup_vs_tf_fp32`` and, for another engine,
+    ``feature_cosine_vs_fp32`` go into the row."""
+    cfg = ctx.cfg
+    x = np.random.default_rng(0).integers(0, 256, (cfg.feature_batch, cfg.image_size, cfg.image_size, 3),
+                                          dtype=np.uint8)
+    # Several batches per call, so that an engine with several streams keeps them all busy.
+    steps = {"engine": lambda: eng.run([(x, None)] * 4)}
+    # (A grappler rewrite is process-wide: no float32 TensorFlow function is left to compare with.)
+    if (eng.name != "tf" or eng.precision != "float32") and not ctx.backbone.mixed_route.startswith("grappler"):
+        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
+        reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
+        steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
+    rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch, rounds=3,
+                                                   min_seconds=cfg.rate_seconds / 3)
+    if "tf_fp32" in steps and eng.name != "tf" and math.isnan(ctx.row.get("feature_cosine_vs_fp32", math.nan)):
+        ctx.row["feature_cosine_vs_fp32"] = _feature_cosine(ctx, eng, reference)  # not kept with reused features
+    same = eng.name == "tf" and eng.precision == "float32"
+    ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
+                   engine_speedup_vs_tf_fp32=1.0 if same else ratio)
+    return rates["engine"], warm["engine"]
+
+
+def _feature_cosine(ctx: train.RunContext, eng: engine.Engine, reference: engine.Engine | None = None,
+                    images: np.ndarray | None = None) -> float:
+    """The least cosine similarity between ``eng``'s features and TensorFlow float32's on uint8
+    ``images`` (default 8 synthetic flowers): how far this engine (and its precision) moves them."""
+    cfg = ctx.cfg
+    if reference is None:
+        fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
+        reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
+    if images is None:
+        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
+    return float(models.cosine(eng(images), reference(images)).min())
