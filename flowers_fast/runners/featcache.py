@@ -134,16 +134,6 @@ def run(ctx: train.RunContext) -> train.RunResult:
         test_f = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
         precision, pass_rate = eng.precision, len(train_f.files) / train_f.seconds
         row.update(engine_setup_s=eng.setup_s)
-        if eng.name != "tf" and "feature_cosine_on" not in row:
-            # Every row of another engine says how far it moved the features (bf16 most of all);
-            # a check, not part of the job: timed on its own, outside total_s.
-            start = time.perf_counter()
-            row.update(feature_cosine_vs_fp32=_feature_cosine(ctx, eng), feature_cosine_on="8 synthetic flowers",
-                       feature_check_s=time.perf_counter() - start)
-        if digest:
-            featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
-                              np.concatenate([train_f.features, test_f.features]), precision,
-                              row.get("feature_cosine_vs_fp32", float("nan")))
     skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
     # Decoding happens inside the feature pass: there is no separate preparation step.
     train._record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
@@ -165,6 +155,18 @@ def run(ctx: train.RunContext) -> train.RunResult:
                                                         split.train_labels, cfg)
     y_true, y_pred = train._fit_evaluate(ctx, model, train_ds, test_ds, n_train, n_test, 0.0, "head",
                                          extra_s=feature_pass)
+    if eng is not None and stored is None:
+        if eng.name != "tf" and "feature_cosine_on" not in row:
+            # Every row of another engine says how far it moved the features (bf16 most of all). A
+            # check, not the job: after evaluation (outside peak_rss_mb, since its float32 reference
+            # model costs memory the job does not need) and timed on its own, outside total_s.
+            start = time.perf_counter()
+            row.update(feature_cosine_vs_fp32=_feature_cosine(ctx, eng), feature_cosine_on="8 synthetic flowers",
+                       feature_check_s=time.perf_counter() - start)
+        if digest:
+            featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
+                              np.concatenate([train_f.features, test_f.features]), precision,
+                              row.get("feature_cosine_vs_fp32", float("nan")))
     # End to end, an image costs its feature pass plus its head epochs.
     row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
     # Evaluating from images includes computing the test images' features.
