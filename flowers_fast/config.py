@@ -87,17 +87,18 @@ class RunConfig:
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions; int8 = "
                           "OpenVINO after NNCF's post-training quantization (--engine openvino), calibrated on "
                           "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
-    calibration_images: int = knob(256, "--precision int8: how many training images (a seeded sample) calibrate "
+    calibration_images: int = knob(256, "--precision int8: how many training images (a seeded sample; predict: of "
+                                   "--calibration-dir) calibrate "
                                    "the quantization (at most half the training split; up to 64 others check "
                                    "its features)",
-                                   minimum=8, maximum=10000, group="model")
+                                   minimum=8, maximum=10000, where=(TRAIN, SWEEP, PREDICT), group="model")
     reuse_quantized: bool = knob(True, "--precision int8: load the quantized model an earlier run stored under the "
                                  "same key (model, size, versions, calibration files) instead of quantizing again; "
                                  "bench's featcache-ov-int8 turns it off, so that every repeat times its quantization",
-                                 group="model")
+                                 where=(TRAIN, SWEEP, PREDICT), group="model")
     int8_min_cosine: float = knob(0.95, "--precision int8: the least feature cosine vs float32, on held-out training "
                                   "images, that a quantized model must keep; below it the run stops (a skipped row)",
-                                  minimum=0.0, maximum=1.0, group="model")
+                                  minimum=0.0, maximum=1.0, where=(TRAIN, SWEEP, PREDICT), group="model")
     engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
                        "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
                        "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model")

@@ -53,7 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5, help="how many classes to print per image (default 5)")
     p.add_argument("--cache-dir", metavar="PATH", help="where 'random' is exported and Hub downloads are kept "
                                                        "(env FLOWERS_FAST_CACHE; default ~/.cache/flowers_fast)")
-    add_knob_flags(p, PREDICT)  # --engine, --precision: declared once on RunConfig
+    p.add_argument("--calibration-dir", metavar="DIR", help="with --precision int8: images like those to predict "
+                                                            "(e.g. the training folder; any depth) to calibrate the "
+                                                            "quantization on, a seeded sample of them")
+    add_knob_flags(p, PREDICT)  # --engine, --precision, int8's: declared once on RunConfig
     p.set_defaults(func=cmd_predict)
     return p
 
@@ -228,26 +231,49 @@ class Predictions:
                              for r, (i, prob) in enumerate(top_k(p, min(k, len(self.labels))))])
 
 
+def calibration_files(folder) -> list[Path]:
+    """The images under ``folder`` (any depth, hidden files left out), sorted; a one-line error
+    when there are too few to calibrate on and check."""
+    from .data import IMAGE_EXTENSIONS
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--calibration-dir {folder}: not a folder; pass a folder of images like those to predict")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if len(files) < 16:
+        raise DataError(f"--calibration-dir {folder}: {len(files)} images; int8 needs at least 16 (half calibrate, "
+                        "half check the quantized outputs)")
+    return files
+
+
 def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASSIFIER, engine: str = "tf",
-            precision: str = "fp32", cache: str | Path | None = None) -> Predictions:
+            precision: str = "fp32", cache: str | Path | None = None, calibration_dir: str | None = None,
+            calibration_images: int = 256, int8_min_cosine: float = 0.95, reuse_quantized: bool = True) -> Predictions:
     """Class probabilities for ``images`` (files or folders) from a ``train --save`` checkpoint, or
     without one from the Hub ImageNet classifier ``model_handle`` (``random``: the offline stand-in).
-    ``engine``/``precision`` as ``predict --engine/--precision``. Raises UserError subclasses with a
-    one-line message on bad input, before loading any model where it can."""
+    ``engine``/``precision`` as ``predict --engine/--precision``; int8 quantizes the whole model
+    as ``train --precision int8`` does (quantize.py), on a seeded sample of ``calibration_dir``, checks
+    its outputs on others against float32 and stores it for the next call. Raises UserError
+    subclasses with a one-line message on bad input, before loading any model where it can."""
     from . import engine as engines
     from .download import cache_dir
 
-    if engine == "tf" and precision == "mixed":
-        raise UserError("--precision mixed: predict runs reduced precision on --engine openvino (bf16 on CPUs with it)")
-    if precision == "int8":  # its calibration needs training images, which predict does not have
-        raise UserError("--precision int8: predict does not quantize yet (featcache's train --precision int8 "
-                        "does); use --precision fp32 or mixed")
-    if engine == "openvino":
+    if engine == "tf" and precision in ("mixed", "int8"):
+        raise UserError(f"--precision {precision}: predict runs reduced precision on --engine openvino")
+    calibration = None
+    if precision == "int8":
+        if not calibration_dir:
+            raise UserError("--precision int8: needs --calibration-dir DIR, images like those to predict (e.g. the "
+                            "training folder) to calibrate on")
+        calibration = calibration_files(calibration_dir)
+    elif engine == "openvino":
         engines.check_precision(precision)  # before loading anything
     images = check_images([str(i) for i in images])
     if checkpoint and not Path(checkpoint).expanduser().exists():
         load_checkpoint(checkpoint)  # its one-line error, before TensorFlow starts
-    cache_root = None if checkpoint else cache_dir(cache)  # a bad --cache-dir, before TensorFlow starts
+    # A bad --cache-dir, before TensorFlow starts; int8 stores its quantized model there.
+    cache_root = cache_dir(cache) if not checkpoint or calibration else None
     from .tfkeras import tf
 
     # Decode first: a bad image fails in seconds, before any model is loaded. (Decoded again
@@ -262,27 +288,75 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
         model, labels = load_hub_classifier(handle, weights)
         size, kind = HUB_SIZE, "unit"
         what = f"{handle} (weights {weights}), {len(labels)} ImageNet classes"
-    eng = engines.make(engine, model_function(model, size, "uint8" if kind == "uint8" else "float"), precision)
+
+    def batch_of(paths):
+        batch = tf.stack([read_image(p, size) for p in paths])
+        if kind == "uint8":
+            return tf.cast(tf.round(batch), tf.uint8)
+        if kind == "unit":
+            return batch / 255.0
+        if kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
+            return tf.reverse(batch, axis=[-1]) / 255.0
+        return batch
+
+    fn = model_function(model, size, "uint8" if kind == "uint8" else "float")
+    if calibration:
+        eng = _int8_engine(fn, batch_of, calibration, checkpoint or handle, size, cache_root, calibration_dir,
+                           calibration_images, int8_min_cosine, reuse_quantized)
+    else:
+        eng = engines.make(engine, fn, precision)
     probs = []
     for start in range(0, len(images), PREDICT_BATCH):  # bounded memory however many images are given
-        batch = tf.stack([read_image(p, size) for p in images[start:start + PREDICT_BATCH]])
-        if kind == "uint8":
-            batch = tf.cast(tf.round(batch), tf.uint8)
-        elif kind == "unit":
-            batch = batch / 255.0
-        elif kind == "unit-bgr":  # the notebook's cv2.imread order, which this model was trained on
-            batch = tf.reverse(batch, axis=[-1]) / 255.0
-        probs.extend(tf.nn.softmax(eng(batch), axis=-1).numpy())
+        probs.extend(tf.nn.softmax(eng(batch_of(images[start:start + PREDICT_BATCH])), axis=-1).numpy())
     import numpy as np
 
     return Predictions(list(images), np.asarray(probs), list(labels), what, eng.name, eng.precision)
+
+
+def _int8_engine(fn, batch_of, files, model_path, size: int, cache: Path, folder, count: int, min_cosine: float,
+                 reuse: bool):
+    """OpenVINO on the whole model quantized by quantize.py (train's quantizer and store) on a
+    seeded sample of ``files``; its outputs checked against float32 on others of them."""
+    import numpy as np
+
+    from . import engine as engines
+    from . import featurestore, quantize
+    from .config import RunConfig
+    from .errors import UnsupportedError
+    from .model import cosine
+
+    cfg = RunConfig(image_size=size, calibration_images=count, reuse_quantized=reuse)
+    calibrate, held_out = quantize.sample(files, count, cfg.seed)
+
+    def batches(paths):
+        return [batch_of(paths[i:i + PREDICT_BATCH]).numpy() for i in range(0, len(paths), PREDICT_BATCH)]
+
+    # The whole model's function, not featcache's backbone alone: keyed apart from train's.
+    fingerprint = f"{featurestore.model_fingerprint(str(model_path))}/predict"
+    q = quantize.quantized_model(lambda: engines.convert(fn), cfg, cache, fingerprint, calibrate,
+                                 lambda: batches(calibrate))
+    eng = engines.make("openvino", fn, "int8", model=q.model)
+    if eng.precision != "int8":
+        raise UnsupportedError(f"--precision int8: OpenVINO ran the quantized model in {eng.precision}, not int8; "
+                               "use --precision fp32")
+    least = q.info.get("cosine")
+    if least is None:
+        reference = engines.make("tf", fn)
+        least = min(float(cosine(eng(x), reference(x)).min()) for x in batches(held_out))
+    if least < min_cosine:
+        raise UnsupportedError(f"--precision int8: the quantized outputs moved too far from float32's (least cosine "
+                               f"{least:.4f} on {len(held_out)} images of --calibration-dir {folder}, below "
+                               f"--int8-min-cosine {min_cosine}); calibrate on more images or use --precision fp32")
+    if not q.reused:
+        quantize.save(cache, q.info["digest"], q.model, dict(q.info, cosine=least))
+    return eng
 
 
 def cmd_predict(args) -> int:
     # The knobs' defaults are RunConfig's: flags left out of the command line are absent from args.
     settings = {f.name: f.default for f in knobs(PREDICT)} | given_knobs(args, PREDICT)
     result = predict(args.images, checkpoint=args.checkpoint, model_handle=args.model_handle,
-                     cache=None if args.checkpoint else args.cache_dir, **settings)
+                     cache=args.cache_dir, calibration_dir=args.calibration_dir, **settings)
     k = min(args.top, len(result.labels))
     print(printable(f"predict: {result.model}; engine {result.engine} ({result.precision}); top {k} with softmax "
                     "probabilities"))

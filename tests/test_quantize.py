@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowers_fast import data, quantize, train
+from flowers_fast import data, quantize, synthetic, train
 from flowers_fast.config import RunConfig
 from flowers_fast.errors import UnsupportedError, UserError
 
@@ -71,3 +71,65 @@ def test_calibration_draws_from_the_training_split_only(int8_cfg, cache):
 def test_int8_needs_openvino():
     with pytest.raises(UserError, match="--precision int8.*--engine openvino"):
         RunConfig(pipeline="featcache", precision="int8")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A `train --save`-like model: uint8 input, a convolution (something to quantize), 3 classes."""
+    from flowers_fast.tfkeras import keras, tf
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(tf.cast(inputs, tf.float32))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    model.save(str(path))
+    (path / "classes.txt").write_text("alpha\nbeta\ngamma\n")
+    return path
+
+
+def test_predict_int8_quantizes_once_with_trains_quantizer_and_reuses_it(tiny_checkpoint, tmp_path, monkeypatch):
+    from flowers_fast import predict, synthetic
+
+    folder = synthetic.generate(tmp_path / "calib", 20, 0)
+    images = sorted(folder.rglob("*.jpg"))[:3]
+    kwargs = dict(checkpoint=str(tiny_checkpoint), engine="openvino", precision="int8", cache=tmp_path / "cache",
+                  calibration_dir=str(folder), calibration_images=8, int8_min_cosine=0.0)
+    first = predict.predict(images, **kwargs)
+    assert first.precision == "int8" and first.probs.shape == (3, 3)
+    assert first.probs.sum(1) == pytest.approx(1.0, abs=1e-4)
+    assert len(list((tmp_path / "cache" / "quantized").glob("*/model.xml"))) == 1
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(quantize, "quantize", no_quantizing)
+    second = predict.predict(images, **kwargs)  # from the store: same model, same answers
+    assert second.precision == "int8" and second.probs == pytest.approx(first.probs, abs=1e-6)
+    monkeypatch.undo()
+    # A check the stored model cannot pass stops predict with one line, not a silent float run.
+    with pytest.raises(UnsupportedError, match="--int8-min-cosine 1.0"):
+        predict.predict(images, **{**kwargs, "int8_min_cosine": 1.0, "reuse_quantized": False})
+
+
+@pytest.mark.parametrize("changes,error,needle", [
+    (dict(engine="tf"), UserError, "--precision int8: predict runs reduced precision on --engine openvino"),
+    (dict(calibration_dir=None), UserError, "needs --calibration-dir DIR"),
+    (dict(calibration_dir="FEW"), "DataError", "4 images; int8 needs at least 16"),
+    (dict(calibration_dir="/nonexistent"), "DataError", "not a folder"),
+])
+def test_predict_int8_bad_input_is_one_line(changes, error, needle, tmp_path):
+    from flowers_fast import predict
+    from flowers_fast.errors import DataError
+
+    few = synthetic.generate(tmp_path / "few", 5, 0)
+    for extra in sorted(few.rglob("*.jpg"))[4:]:
+        extra.unlink()
+    kwargs = dict(model_handle="random", engine="openvino", precision="int8", calibration_dir=str(few))
+    kwargs.update(changes)
+    if kwargs["calibration_dir"] == "FEW":
+        kwargs["calibration_dir"] = str(few)
+    with pytest.raises(DataError if error == "DataError" else error, match=needle):
+        predict.predict([tmp_path / "absent.jpg"], **kwargs)
