@@ -20,6 +20,8 @@ _ALL = [
     RunConfig(name="tfdata-mixed", pipeline="tfdata", precision="mixed"),
     RunConfig(name="tfdata-xla", pipeline="tfdata", xla_step=True),
     RunConfig(name="tfdata-mixed-xla", pipeline="tfdata", precision="mixed", xla_step=True),
+    # TensorFlow's tutorial, second half: --epochs frozen, then 5 epochs from its layer 100 at a 10x lower rate.
+    RunConfig(name="tfdata-ft", pipeline="tfdata", fine_tune_epochs=5, fine_tune_from="100"),
     RunConfig(name="featcache", pipeline="featcache"),
     RunConfig(name="featcache-mixed", pipeline="featcache", precision="mixed"),
     RunConfig(name="featcache-xla", pipeline="featcache", xla_backbone=True, xla_step=True),

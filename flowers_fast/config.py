@@ -38,6 +38,10 @@ LOCAL_UNKNOWN, URL_UNKNOWN = "unknown (local)", "unknown (downloaded)"
 _GOOGLE_IMAGENET = re.compile(r"^https?://(tfhub\.dev|www\.kaggle\.com/models|kaggle\.com/models)/google/"
                               r"[^?#]*(mobilenet|imagenet)", re.IGNORECASE)
 
+# --fine-tune-epochs without --fine-tune-from: the layer TensorFlow's tutorial unfreezes MobileNetV2 from.
+TUTORIAL_FINE_TUNE_FROM = "100"
+_LAYER_NAME = re.compile(r"^(\d+|[A-Za-z][A-Za-z0-9_]*)$")
+
 # Where a knob's flag appears: ``train`` (python -m flowers_fast train), ``sweep`` (python -m bench
 # run, overriding it for every configuration of the sweep) and/or ``predict`` (python -m flowers_fast predict).
 TRAIN, SWEEP, PREDICT = "train", "sweep", "predict"
@@ -83,7 +87,25 @@ class RunConfig:
     model_handle: str = knob(RANDOM_HANDLE, "TF Hub feature-vector URL ('hub' = mobilenet_v2/feature_vector/4), "
                              "a local Hub SavedModel folder, or 'random' (built-in offline MobileNetV2)",
                              group="model", metavar="URL|PATH")
-    fine_tune: bool = knob(False, "train the backbone too (default: frozen)", where=(TRAIN,), group="model")
+    fine_tune: bool = knob(False, "train the whole backbone too, from the first epoch (default: frozen)",
+                           where=(TRAIN,), group="model")
+    # The second half of TensorFlow's transfer-learning tutorial: --epochs with the backbone frozen
+    # (the head), then --fine-tune-epochs with its top unfrozen at a lower learning rate.
+    fine_tune_epochs: int = knob(0, "epochs of a second phase, after --epochs of frozen-head training, that also "
+                                 "trains the backbone from --fine-tune-from up (batch norm kept in inference mode); "
+                                 "0 = no second phase", minimum=0, where=(TRAIN,), group="model")
+    fine_tune_from: str | None = knob(None, f"where --fine-tune-epochs unfreezes the backbone: a layer index of "
+                                      f"Keras's MobileNetV2 (0 = all of it) or a block's name (block_15 = from its "
+                                      f"first layer, or a layer such as block_15_expand); default "
+                                      f"{TUTORIAL_FINE_TUNE_FROM}, the TensorFlow tutorial's (of 154 layers). "
+                                      "Needs the native MobileNetV2 rebuild of the Hub model", where=(TRAIN,),
+                                      group="model", metavar="N|BLOCK")
+    fine_tune_lr_factor: float = knob(0.1, "--fine-tune-epochs: the learning rate is --learning-rate times this "
+                                      "(the tutorial's 10x lower)", minimum=1e-6, maximum=1.0, where=(TRAIN,),
+                                      group="model")
+    augment: bool = knob(False, "random horizontal flip, rotation and zoom (Keras preprocessing layers, seeded) "
+                         "inside the model, in front of the backbone, while training: every whole-model pipeline "
+                         "augments the same way", where=(TRAIN,), group="model")
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions; int8 = "
                           "OpenVINO after NNCF's post-training quantization (--engine openvino), calibrated on "
                           "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
@@ -184,6 +206,32 @@ class RunConfig:
                             "(--pipeline featcache)")
         if self.fine_tune and self.pipeline == "featcache":
             raise UserError("--pipeline featcache needs a frozen backbone; drop --fine-tune or use --pipeline tfdata")
+        self._check_fine_tune_phase()
+
+    def _check_fine_tune_phase(self) -> None:
+        """--fine-tune-epochs / --fine-tune-from / --augment: what they combine with."""
+        if self.fine_tune_from is not None and not _LAYER_NAME.match(self.fine_tune_from):
+            raise UserError(f"--fine-tune-from {self.fine_tune_from!r}: expected a layer index (e.g. "
+                            f"{TUTORIAL_FINE_TUNE_FROM}) or a MobileNetV2 block or layer name (e.g. block_15, "
+                            "block_15_expand)")
+        if self.fine_tune_from is not None and not self.fine_tune_epochs:
+            raise UserError(f"--fine-tune-from {self.fine_tune_from} says where the second phase unfreezes the "
+                            "backbone; add --fine-tune-epochs N (its epochs), or drop --fine-tune-from")
+        if self.fine_tune_epochs and self.fine_tune_from is None:
+            object.__setattr__(self, "fine_tune_from", TUTORIAL_FINE_TUNE_FROM)  # the row says where
+        if self.fine_tune_epochs and self.fine_tune:
+            raise UserError("--fine-tune trains the whole backbone from the first epoch; --fine-tune-epochs adds a "
+                            "second phase after a frozen one: use one of them (--fine-tune-from 0 unfreezes all of "
+                            "it in the second phase)")
+        whole_model = self.pipeline in ("naive", "tutorial", "tfdata")
+        if self.fine_tune_epochs and not whole_model:
+            raise UserError(f"--fine-tune-epochs trains the backbone's top, which --pipeline {self.pipeline} does not "
+                            "run every epoch (featcache's cached features are the frozen backbone's output; a cache "
+                            "at the cut is not built yet); use --pipeline tfdata (or naive, tutorial)")
+        if self.augment and not whole_model:
+            raise UserError(f"--augment changes the images every epoch, which --pipeline {self.pipeline} does not "
+                            "feed through the model (featcache computes features once); use --pipeline tfdata "
+                            "(or naive, tutorial)")
 
     @classmethod
     def from_flags(cls, **given) -> "RunConfig":

@@ -56,6 +56,7 @@ class Backbone:
     mixed_route: str = ""  # how --precision mixed runs (see the module's docstring); "" for fp32
     hub_layer: object = None  # the float32 Hub layer: the reference for other precisions and engines
     cosine_vs_fp32: float = float("nan")  # least feature cosine similarity to hub_layer on synthetic flowers
+    cut: int | None = None  # --fine-tune-from's layer index in the native rebuild (None: no fine-tune phase)
 
 
 class NotMappable(Exception):
@@ -143,12 +144,14 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     handle, weights = resolve_handle(cfg.model_handle, cache, FEATURE_VECTOR, cfg.seed, cfg.image_size)
     hub_layer = load_hub_layer(handle, trainable=cfg.fine_tune, weights=weights)
     dim = _check_features(hub_layer, handle, cfg.image_size)
-    if cfg.precision == "fp32":
+    if cfg.precision == "fp32" and not cfg.fine_tune_epochs:
         return Backbone(hub_layer, handle, weights, "float32", dim, "", hub_layer, 1.0)
     if cfg.engine == "openvino":
         # OpenVINO converts the float32 Hub function and lowers the precision itself (int8: NNCF).
         route = OPENVINO_INT8 if cfg.precision == "int8" else OPENVINO_BF16
         return Backbone(hub_layer, handle, weights, "float32", dim, route, hub_layer)
+    if cfg.fine_tune_epochs:
+        return _cut_backbone(cfg, hub_layer, handle, weights, dim)
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}")
     except NotMappable as exc:
@@ -156,6 +159,61 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     native.trainable = cfg.fine_tune
     return Backbone(native, handle, weights, conv_compute_dtype(native, cfg.image_size), dim, NATIVE, hub_layer,
                     feature_cosine(native, hub_layer, cfg.image_size))
+
+
+# --- fine-tuning from a layer: the native rebuild, frozen layer by layer ---------------------
+
+def _cut_backbone(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int) -> Backbone:
+    """The native rebuild (a Hub SavedModel cannot be frozen layer by layer), frozen for the head
+    phase; ``unfreeze_from`` opens its top for the fine-tune phase. Under the mixed policy for
+    --precision mixed, else float32."""
+    policy = f"mixed_{cfg.mixed_dtype}" if cfg.precision == "mixed" else "float32"
+    try:
+        native = native_mobilenet(hub_layer, cfg.image_size, policy)
+    except NotMappable as exc:
+        raise ModelError(f"--fine-tune-from {cfg.fine_tune_from}: {exc} of --model-handle {handle}, so its layers "
+                         "cannot be unfrozen one by one; use --fine-tune (the whole backbone, any Hub model), or a "
+                         "MobileNetV2 like --model-handle random or Google's Hub MobileNetV2") from None
+    native.trainable = False
+    cut = cut_index(native, cfg.fine_tune_from)  # a bad name fails here, before any training
+    route = NATIVE if cfg.precision == "mixed" else ""
+    return Backbone(native, handle, weights, conv_compute_dtype(native, cfg.image_size), dim, route, hub_layer,
+                    feature_cosine(native, hub_layer, cfg.image_size), cut=cut)
+
+
+def native_base(layer) -> "keras.Model":
+    """The Keras MobileNetV2 inside ``native_mobilenet``'s model (its layer indices are Keras's)."""
+    return layer.layers[-1]
+
+
+def cut_index(layer, where: str) -> int:
+    """``--fine-tune-from``'s layer index in the native MobileNetV2: an index, a layer's name, or a
+    block's name (its first layer, e.g. block_15 -> block_15_expand)."""
+    layers = native_base(layer).layers
+    names = [lyr.name for lyr in layers]
+    if where.isdigit():
+        if int(where) < len(layers):
+            return int(where)
+        raise ModelError(f"--fine-tune-from {where}: MobileNetV2 has layers 0..{len(layers) - 1}; pass one of those "
+                         "or a block name such as block_15")
+    if where in names:
+        return names.index(where)
+    first = next((i for i, name in enumerate(names) if name.startswith(where + "_")), None)
+    if first is None:
+        raise ModelError(f"--fine-tune-from {where}: MobileNetV2 has no such layer or block; pass a layer index "
+                         f"0..{len(layers) - 1} or a name such as block_1 .. block_16, block_15_expand, Conv_1")
+    return first
+
+
+def unfreeze_from(backbone: Backbone) -> list[str]:
+    """Make the native backbone's layers from ``backbone.cut`` up trainable, those below frozen:
+    the names of the layers with weights that now train. Batch norm stays in inference mode
+    (build_classifier calls the backbone with training=False), so its statistics never move."""
+    base = native_base(backbone.layer)
+    backbone.layer.trainable = True
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= backbone.cut
+    return [layer.name for layer in base.layers[backbone.cut:] if layer.trainable_weights]
 
 
 # --- mixed precision: a graph rewrite of the float32 Hub function -----------------------------
@@ -272,9 +330,23 @@ def build_classifier(backbone: Backbone, num_classes: int, cfg: RunConfig, input
         x = inputs
     else:
         raise ValueError(input_kind)
-    features = backbone.layer(x)
+    if cfg.augment:
+        x = augmentation(cfg.seed)(x)
+    # Fine-tuning from a layer: batch norm in inference mode, as the tutorial has it (its moving
+    # statistics stay the pretrained ones; with folded weights they are the identity).
+    features = backbone.layer(x, training=False) if backbone.cut is not None else backbone.layer(x)
     logits = (head or build_head(num_classes, cfg.seed))(features)
     return keras.Model(inputs, logits, name="flowers_classifier")
+
+
+def augmentation(seed: int) -> "keras.Sequential":
+    """--augment: the Keras guide's random flip, rotation and zoom on [0, 1] images, active only
+    while training; seeded, each layer with its own seed."""
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(0.1, seed=seed + 1),
+        keras.layers.RandomZoom(0.1, seed=seed + 2),
+    ], name="augment")
 
 
 def head_model(num_classes: int, feature_dim: int, cfg: RunConfig):

@@ -225,18 +225,25 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     cfg, row = ctx.cfg, ctx.row
     timer = metrics.EpochTimer()
     bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
+    callbacks = [timer, bar, _StopOnDivergence(cfg.learning_rate, ctx.num_classes)]
     try:
         with _files_stay(ctx):
-            _fit(model, cfg, train_x, train_y, batch_size,
-                 [timer, bar, _StopOnDivergence(cfg.learning_rate, ctx.num_classes)])
+            _fit(model, cfg, train_x, train_y, batch_size, callbacks)
+            if cfg.fine_tune_epochs:
+                _fine_tune_phase(ctx, model, train_x, train_y, batch_size, callbacks)
     finally:
         bar.close()  # an error message then starts on its own line
     times = timer.times
-    if len(times) != cfg.epochs:
-        raise RuntimeError(f"training ran {len(times)} of {cfg.epochs} epochs: the input ran out of data early "
-                           "(Keras stops without an error); every epoch must see the whole training set")
-    row.update(first_epoch_s=times[0], **metrics.steady(times), train_s=sum(times))
-    row["train_img_s"] = n_train / row["steady_epoch_s"] if len(times) > 1 else n_train / times[0]
+    if len(times) != cfg.epochs + cfg.fine_tune_epochs:
+        raise RuntimeError(f"training ran {len(times)} of {cfg.epochs + cfg.fine_tune_epochs} epochs: the input ran "
+                           "out of data early (Keras stops without an error); every epoch must see the whole "
+                           "training set")
+    if cfg.fine_tune_epochs:  # each phase's own time (the second starts with a new trace)
+        row.update(head_phase_s=sum(times[:cfg.epochs]), fine_tune_phase_s=sum(times[cfg.epochs:]),
+                   fine_tune_first_epoch_s=times[cfg.epochs],
+                   fine_tune_steady_epoch_s=metrics.steady(times[cfg.epochs:])["steady_epoch_s"])
+    row.update(first_epoch_s=times[0], **metrics.steady(times[:cfg.epochs]), train_s=sum(times))
+    row["train_img_s"] = n_train / row["steady_epoch_s"] if cfg.epochs > 1 else n_train / times[0]
     row["end_to_end_img_s"] = row["train_img_s"]
     row["total_s"] = prep_s + extra_s + sum(times)
     row["epoch_times_s"] = " ".join(f"{t:.3f}" for t in times)
@@ -275,17 +282,33 @@ def _files_stay(ctx: RunContext):
         raise
 
 
-def _fit(model, cfg: RunConfig, train_x, train_y, batch_size, callbacks) -> None:
+def _fit(model, cfg: RunConfig, train_x, train_y, batch_size, callbacks,
+         epochs: tuple[int, int] | None = None) -> None:
+    """Epochs ``epochs`` (first, end), by default 0..--epochs."""
+    first, end = epochs or (0, cfg.epochs)
     if cfg.data_service:
         # A tf.data service epoch ends when its workers run dry, and with several service workers
         # or trainers the number of steps changes from epoch to epoch. Keras fixes the count after
         # the first epoch, then ends training early ("Your input ran out of data", a warning) or
         # cuts a longer epoch short, silently. One fit call per epoch counts every epoch afresh.
-        for epoch in range(cfg.epochs):
+        for epoch in range(first, end):
             model.fit(train_x, train_y, initial_epoch=epoch, epochs=epoch + 1, batch_size=batch_size, verbose=0,
                       callbacks=callbacks)
     else:
-        model.fit(train_x, train_y, epochs=cfg.epochs, batch_size=batch_size, verbose=0, callbacks=callbacks)
+        model.fit(train_x, train_y, initial_epoch=first, epochs=end, batch_size=batch_size, verbose=0,
+                  callbacks=callbacks)
+
+
+def _fine_tune_phase(ctx: RunContext, model, train_x, train_y, batch_size, callbacks) -> None:
+    """The tutorial's second phase: the backbone from --fine-tune-from up unfrozen, compiled again
+    (Keras fixes what trains at compile time) at --learning-rate x --fine-tune-lr-factor, then
+    --fine-tune-epochs more epochs."""
+    cfg = ctx.cfg
+    trained = models.unfreeze_from(ctx.backbone)
+    ctx.row.update(fine_tune_layers=len(trained), fine_tune_first_layer=trained[0] if trained else "")
+    with ctx.strategy.scope():
+        models.compile_classifier(model, cfg.replace(learning_rate=cfg.learning_rate * cfg.fine_tune_lr_factor))
+    _fit(model, cfg, train_x, train_y, batch_size, callbacks, epochs=(cfg.epochs, cfg.epochs + cfg.fine_tune_epochs))
 
 
 def _breakdown(ctx: RunContext, model_rate: float, warmup_s: float, input_rate: float | None = None,

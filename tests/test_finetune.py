@@ -1,0 +1,124 @@
+"""The tutorial's fine-tune on the whole-model pipelines: a frozen-head phase, then the backbone
+from --fine-tune-from up trained at a lower rate with batch norm in inference mode; --augment.
+On the small random export (96 px, the same Keras MobileNetV2 layer indices as at 224)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import configs
+from flowers_fast import train
+from flowers_fast import model as models
+from flowers_fast.config import TUTORIAL_FINE_TUNE_FROM, RunConfig
+from flowers_fast.errors import ModelError, UserError
+from flowers_fast.tfkeras import keras, tf
+
+CUT = "block_15"
+
+
+@pytest.fixture(scope="module")
+def ft_cfg(small_model):
+    return RunConfig(num_images=40, image_size=96, epochs=1, fine_tune_epochs=1, fine_tune_from=CUT,
+                     model_handle=str(small_model), breakdown=False)
+
+
+def base_layers(backbone) -> list:
+    return models.native_base(backbone.layer).layers
+
+
+def test_gradients_reach_exactly_the_layers_from_the_cut(ft_cfg, cache):
+    backbone = models.build_backbone(ft_cfg, cache)
+    layers = base_layers(backbone)
+    assert layers[backbone.cut].name == "block_15_expand"
+    clf = models.build_classifier(backbone, 5, ft_cfg)
+    frozen_phase = {w.ref() for w in clf.trainable_weights}
+    assert frozen_phase == {w.ref() for w in clf.get_layer("head").weights}  # the head phase: the head only
+    models.unfreeze_from(backbone)
+    x = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3)), tf.uint8)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(clf(x, training=True) ** 2)
+    grads = tape.gradient(loss, clf.trainable_weights)
+    reached = {w.name.split("/")[0] for w, g in zip(clf.trainable_weights, grads)
+               if g is not None and float(tf.reduce_max(tf.abs(g))) > 0}
+    expected = {layer.name for i, layer in enumerate(layers) if i >= backbone.cut and layer.trainable_weights}
+    assert reached == expected | {"head"}
+    assert all(not layer.trainable_weights for layer in layers[:backbone.cut])
+
+
+def test_two_phases_leave_the_frozen_layers_and_every_batch_norm_statistic_unchanged(ft_cfg, cache):
+    before = models.build_backbone(ft_cfg, cache)  # the same weights the run starts from
+    result = train.run(ft_cfg, cache, progress=False, keep_model=True, predictions=False)
+    row, after = result.row, result.backbone
+    assert row["fine_tune_first_layer"] == "block_15_expand" and row["fine_tune_layers"] > 0
+    assert row["head_phase_s"] > 0 and row["fine_tune_phase_s"] > 0
+    assert len(row["epoch_times_s"].split()) == 2
+    moved = 0
+    for i, (old, new) in enumerate(zip(base_layers(before), base_layers(after))):
+        same = all(np.array_equal(a, b) for a, b in zip(old.get_weights(), new.get_weights()))
+        if isinstance(new, keras.layers.BatchNormalization):
+            assert np.array_equal(old.moving_mean.numpy(), new.moving_mean.numpy()), new.name
+            assert np.array_equal(old.moving_variance.numpy(), new.moving_variance.numpy()), new.name
+        if i < before.cut:
+            assert same, f"frozen layer {new.name} changed"
+        elif new.trainable_weights:
+            moved += not same
+    assert moved > 0  # the top did train
+
+
+def test_fine_tune_knobs_are_checked_up_front():
+    assert RunConfig(fine_tune_epochs=2).fine_tune_from == TUTORIAL_FINE_TUNE_FROM  # the tutorial's default
+    assert RunConfig().fine_tune_from is None  # no second phase, no cut
+    with pytest.raises(UserError, match="--fine-tune-from 'block 15!': expected a layer index"):
+        RunConfig(fine_tune_epochs=1, fine_tune_from="block 15!")
+    with pytest.raises(UserError, match="add --fine-tune-epochs"):
+        RunConfig(fine_tune_from="100")
+    with pytest.raises(UserError, match="use one of them"):
+        RunConfig(fine_tune_epochs=1, fine_tune=True)
+    for pipeline in ("featcache", "modelonly"):
+        with pytest.raises(UserError, match=f"--fine-tune-epochs .*--pipeline {pipeline}.*use --pipeline tfdata"):
+            RunConfig(pipeline=pipeline, fine_tune_epochs=1)
+    with pytest.raises(UserError, match="--augment .*featcache computes features once.*use --pipeline tfdata"):
+        RunConfig(pipeline="featcache", augment=True)
+
+
+@pytest.mark.parametrize("where,says", [("block_99", "no such layer or block"), ("900", "layers 0..")])
+def test_a_cut_the_model_does_not_have_is_one_line(ft_cfg, cache, where, says):
+    with pytest.raises(ModelError, match=f"--fine-tune-from {where}: MobileNetV2 .*{says}") as err:
+        models.build_backbone(ft_cfg.replace(fine_tune_from=where), cache)
+    assert "\n" not in str(err.value)
+
+
+def test_a_hub_model_the_rebuild_cannot_carry_names_what_works(ft_cfg, cache, monkeypatch):
+    def not_mappable(*args):
+        raise models.NotMappable("the native MobileNetV2 rebuild maps only 3/260 of its weights")
+
+    monkeypatch.setattr(models, "native_mobilenet", not_mappable)
+    with pytest.raises(ModelError, match="--fine-tune-from block_15: .*maps only 3/260.*use --fine-tune"):
+        models.build_backbone(ft_cfg, cache)
+
+
+def test_augmentation_acts_only_while_training_and_is_seeded(ft_cfg, cache):
+    cfg = RunConfig(image_size=96, model_handle=ft_cfg.model_handle, augment=True)
+    backbone = models.build_backbone(cfg.replace(augment=False), cache)
+    plain = models.build_classifier(backbone, 5, cfg.replace(augment=False))
+    x = tf.constant(np.random.default_rng(1).integers(0, 256, (2, 96, 96, 3)), tf.uint8)
+
+    def augmented():  # as train.run seeds a run
+        keras.utils.set_random_seed(cfg.seed)
+        model = models.build_classifier(backbone, 5, cfg)
+        assert [layer.__class__.__name__ for layer in model.get_layer("augment").layers] == [
+            "RandomFlip", "RandomRotation", "RandomZoom"]
+        return model, model(x, training=True).numpy()
+
+    (a, a_out), (_, b_out) = augmented(), augmented()
+    np.testing.assert_allclose(a(x, training=False), plain(x, training=False), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a_out, plain(x, training=True), atol=1e-4)
+    np.testing.assert_allclose(a_out, b_out, rtol=1e-5, atol=1e-5)  # the same run twice augments the same way
+
+
+def test_fine_tune_configurations_end_in_ft_and_stay_out_of_quick():
+    tuned = {name for name, cfg in configs.CONFIGS.items() if cfg.fine_tune_epochs or cfg.fine_tune}
+    assert "tfdata-ft" in tuned and all(name.endswith("-ft") for name in tuned)
+    assert configs.CONFIGS["tfdata-ft"].fine_tune_from == TUTORIAL_FINE_TUNE_FROM
+    assert not tuned & set(configs.PRESETS["quick"].configs)
