@@ -2,13 +2,14 @@
 with matplotlib's Agg canvas from one group of rows (one machine and run, or a pool).
 
 * ``<stem>-time.png``: time to a trained model per configuration (``total_s``, what
-  ``recommend`` minimises), split into data preparation, feature pass, first epoch and the
-  later epochs, with the speed-up vs naive written on each bar. The bar is the median repeat's
+  ``recommend`` minimises), split into data preparation, feature pass, first epoch, the
+  later epochs and a fine-tune phase, with the speed-up vs naive written on each bar. The bar is the median repeat's
   own split (its parts add up to its total; medians of parts would not); the error bar is the
   min-max of ``total_s`` over repeats. The axis stays linear even when totals span more than
   10x: on a log axis stacked parts would not add up visually; every bar carries its number.
 * ``<stem>-accuracy.png``: test accuracy vs time to a trained model, one point per
-  configuration, min-max error bars, marker area = peak RSS, the Pareto front (nothing both
+  configuration (circles: frozen backbone; triangles: fine-tuned), min-max error bars, marker
+  area = peak RSS, the Pareto front (nothing both
   faster and more accurate) drawn, the accuracy band ``recommend`` chose within shaded and its
   choice marked.
 * ``<stem>-stages.png``: images per second through each stage. Rates through the backbone
@@ -36,7 +37,8 @@ from flowers_fast.figures import save_figure
 from .results import DEVICE_ORDER, ORDER, median_runs, medians, normalise, ordered, values
 
 PARTS = (("prep", "data preparation", "#8172B2"), ("feature", "feature pass (frozen backbone, once)", "#64B5CD"),
-         ("first", "epoch 1 (tracing, cache fill)", "#DD8452"), ("later", "epochs 2..N", "#4C72B0"))
+         ("first", "epoch 1 (tracing, cache fill)", "#DD8452"), ("later", "epochs 2..N", "#4C72B0"),
+         ("fine", "fine-tune phase (top of the backbone trained)", "#C44E52"))
 STAGE_COLOURS = {"input": "#8172B2", "model": "#C44E52", "shared": "#BBBBBB", "e2e": "#4C72B0", "head": "#55A868"}
 NA = "n/a"
 PROBE = "modelonly"  # pipelines that train no model: no time to a trained model, no accuracy
@@ -125,7 +127,15 @@ def _parts(run: pd.Series) -> dict[str, float]:
     feature = num("feature_pass_warmup_s") + num("feature_pass_s")
     first = num("first_epoch_s")
     train = num("train_s") or max(num("total_s") - prep - feature, 0.0)
-    return {"prep": prep, "feature": feature, "first": first, "later": max(train - first, 0.0)}
+    fine = min(num("fine_tune_phase_s"), train)  # the second phase's epochs, after the frozen head's
+    return {"prep": prep, "feature": feature, "first": first, "later": max(train - first - fine, 0.0), "fine": fine}
+
+
+def fine_tuned(m: pd.DataFrame) -> np.ndarray:
+    """Which rows trained part of the backbone (a fine-tune phase, or --fine-tune from the start)."""
+    phase = pd.to_numeric(m.get("fine_tune_epochs", pd.Series(0, index=m.index)), errors="coerce").fillna(0) > 0
+    whole = m.get("fine_tune", pd.Series(False, index=m.index)).astype(str).str.lower().isin(("true", "1", "1.0"))
+    return (phase | whole).to_numpy()
 
 
 def _time_to_model(df, med, picks, path: Path, subtitle: str) -> Path:
@@ -231,8 +241,13 @@ def _accuracy_vs_time(med, picks, path: Path, subtitle: str) -> Path:
                        label=f"within recommend's accuracy tolerance (best - {pick['acc_tolerance']:.2g} pt)")
         ax.errorbar(t, a, xerr=_err(m, "total_s"), yerr=_err(m, "acc_pct"), fmt="none", ecolor="grey", lw=1,
                     capsize=2, zorder=2)
-        ax.scatter(t, a, s=[area(v) for v in m["peak_rss_mb"]], c="#4C72B0", alpha=0.7, edgecolors="black",
-                   linewidths=0.6, zorder=3)
+        tuned = fine_tuned(m)
+        sizes_ = np.array([area(v) for v in m["peak_rss_mb"]])
+        for mask, marker, colour, label in ((~tuned, "o", "#4C72B0", "frozen backbone"),
+                                            (tuned, "^", "#DD8452", "fine-tuned (top of the backbone trained)")):
+            if mask.any():
+                ax.scatter(t[mask], a[mask], s=sizes_[mask], c=colour, marker=marker, alpha=0.7, edgecolors="black",
+                           linewidths=0.6, zorder=3, label=label if tuned.any() else None)
         front = pareto(t, a)
         ax.plot(t[front], a[front], "--", color="#C44E52", lw=1.2, zorder=1, drawstyle="steps-post",
                 label="Pareto front (nothing faster and more accurate)")

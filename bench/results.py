@@ -34,7 +34,7 @@ METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady
            "feature_pass_warmup_s", "feature_pass_img_s", "train_s", "subprocess_s", "engine_setup_s",
            "tf_fp32_forward_img_s", "engine_speedup_vs_tf_fp32", "model_flops_utilization",
            "feature_pass_flops_utilization", "feature_pass_bound_img_s", "feature_pass_shared_cores_img_s",
-           "feature_pass_bound_fraction")
+           "feature_pass_bound_fraction", "head_phase_s", "fine_tune_phase_s")
 # Metrics where a larger value is better (the others: smaller is better).
 HIGHER_IS_BETTER = ("test_accuracy", "acc_pct", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
                     "model_only_img_s", "e2e_fraction_of_model", "feature_pass_img_s", "tf_fp32_forward_img_s",
@@ -62,7 +62,8 @@ TEXT = ("run_id", "preset", "pipeline", "device_name", "dataset", "weights", "pr
         "git_commit", "source", "feature_pass_bound_stage", "feature_pass_limit") + MACHINE
 # Per-configuration settings carried into the medians table (first ok repeat's value).
 SETTINGS = ("pipeline", "channel_order", "naive_rgb", "preset", "dataset", "data_dir", "model_handle", "epochs",
-            "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version")
+            "batch_size", "num_images", "image_size", "weights", "device_name", "tf_version", "fine_tune",
+            "fine_tune_epochs", "fine_tune_from", "augment")
 
 
 # --- loading ----------------------------------------------------------------------------------

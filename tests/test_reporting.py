@@ -299,3 +299,13 @@ def test_nan_safe_threshold_message():
     with pytest.raises(UserError, match="--fail-if"):
         parse_threshold("nan")
     assert math.isclose(parse_threshold(" 0% "), 0.0)
+
+
+def test_the_time_plot_splits_off_the_fine_tune_phase_and_marks_fine_tuned_rows():
+    run = pd.Series(dict(data_prep_s=2.0, first_epoch_s=6.0, train_s=40.0, fine_tune_phase_s=30.0, total_s=42.0))
+    assert plots._parts(run) == {"prep": 2.0, "feature": 0.0, "first": 6.0, "later": 4.0, "fine": 30.0}
+    frozen = pd.Series(dict(data_prep_s=2.0, first_epoch_s=6.0, train_s=40.0, total_s=42.0))
+    assert plots._parts(frozen)["fine"] == 0.0 and plots._parts(frozen)["later"] == 34.0
+    rows = pd.DataFrame(dict(fine_tune_epochs=[0, 5, 0, float("nan")], fine_tune=[False, False, True, "False"]))
+    assert list(plots.fine_tuned(rows)) == [False, True, True, False]
+    assert list(plots.fine_tuned(pd.DataFrame(dict(name=["a"])))) == [False]  # columns absent: frozen
