@@ -67,6 +67,9 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "errors": m["n_failed"].astype(int),
             "channels": m["channel_order"].map(text),
         }, index=pd.Index(m.index, name="config"))
+        if m["fine_tune_phase_s"].notna().any():  # both phases' time, beside the total they add up into
+            table.insert(table.columns.get_loc("total s"), "head phase s", m["head_phase_s"])
+            table.insert(table.columns.get_loc("total s"), "fine-tune phase s", m["fine_tune_phase_s"])
         table.attrs["device"] = device
         table.attrs["header"] = _header(df[df["device"] == device], device)
         notes = []
@@ -79,6 +82,9 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
                              f"({_shorten(row['failures'])})")
             elif row.get("n_skipped") and not row["n_ok"]:
                 notes.append(f"{name}: skipped on this machine ({_shorten(row['failures'])})")
+        if "fine-tune phase s" in table.columns:
+            notes.append("head phase s: the frozen-head epochs; fine-tune phase s: the epochs with the top of the "
+                         "backbone trained (both within total s)")
         if not math.isnan(naive_total):
             notes.append("speed-up vs naive = naive's total s / this configuration's total s")
         else:

@@ -309,3 +309,23 @@ def test_the_time_plot_splits_off_the_fine_tune_phase_and_marks_fine_tuned_rows(
     rows = pd.DataFrame(dict(fine_tune_epochs=[0, 5, 0, float("nan")], fine_tune=[False, False, True, "False"]))
     assert list(plots.fine_tuned(rows)) == [False, True, True, False]
     assert list(plots.fine_tuned(pd.DataFrame(dict(name=["a"])))) == [False]  # columns absent: frozen
+
+
+def test_the_report_gives_both_phases_when_a_configuration_fine_tuned(tmp_path):
+    from bench.report import summarise
+    from test_report import COLUMNS
+
+    rows = machine_rows("aaaa111111", "r1")
+    tuned = row("tfdata", "cpu", 0.93, 121.0, 30, 2500) | dict(name="tfdata-ft", run_id="r1", machine_id="aaaa111111",
+                                                               head_phase_s=30.0, fine_tune_phase_s=81.0,
+                                                               fine_tune_epochs=5, train_s=111.0)
+    rows.append(tuned)
+    cols = list(dict.fromkeys(list(COLUMNS) + [c for r in rows for c in r]))
+    pd.DataFrame(rows).reindex(columns=cols).to_csv(tmp_path / "ft.csv", index=False)
+    table = summarise(load(tmp_path / "ft.csv"))["cpu"]
+    assert list(table.columns[table.columns.get_loc("head phase s"):][:3]) == ["head phase s", "fine-tune phase s",
+                                                                              "total s"]
+    assert table.loc["tfdata-ft", "fine-tune phase s"] == 81.0 and pd.isna(table.loc["naive", "fine-tune phase s"])
+    assert "total s" in table.columns and "head phase s" not in summarise(load(write(tmp_path / "f.csv",
+                                                                                     machine_rows("a", "r")))
+                                                                          )["cpu"].columns
