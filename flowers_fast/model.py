@@ -216,6 +216,66 @@ def unfreeze_from(backbone: Backbone) -> list[str]:
     return [layer.name for layer in base.layers[backbone.cut:] if layer.trainable_weights]
 
 
+@dataclass
+class Cut:
+    """The native backbone split for the cut cache: ``bottom`` (uint8 images -> the activations
+    entering layer ``start``, float16) runs once; ``top`` (those activations -> features) shares
+    the backbone's layers from ``start`` up, so what it trains is the backbone's."""
+
+    start: int  # the lowest layer at or below the cut that only one tensor from below enters
+    name: str  # that layer's name
+    shape: tuple  # the activations' shape per image
+    bottom: object
+    top: "keras.Model"
+
+
+def cut_parts(backbone: Backbone, image_size: int) -> Cut:
+    """Where to cache for a cut at ``backbone.cut``: the nearest layer at or below it that a single
+    tensor from below enters (a block's start, where its residual input is that tensor too), so
+    layers between there and the cut are recomputed, frozen, each epoch (cut at layer 100, inside
+    block 11 at 14x14x576: the cache holds block 11's 14x14x96 input)."""
+    base = native_base(backbone.layer)
+    layers = base.layers
+    # Node 0: the base's own graph (building ``top`` calls its layers again, adding nodes).
+    producer = {id(layer.get_output_at(0)): i for i, layer in enumerate(layers)}
+
+    def inputs(layer):
+        given = layer.get_input_at(0)
+        return given if isinstance(given, list) else [given]
+
+    for start in range(backbone.cut, 0, -1):
+        crossing = {producer[id(t)] for layer in layers[start:] for t in inputs(layer) if producer[id(t)] < start}
+        if len(crossing) == 1 and start > 1:
+            break
+    else:
+        raise ModelError(f"--fine-tune-from {layers[backbone.cut].name}: at the stem there is nothing below the cut to "
+                         "cache; use --pipeline tfdata, or cut at a block (block_1 .. block_16)")
+    cached = layers[crossing.pop()].get_output_at(0)
+    bottom_model = keras.Model(base.input, cached)
+    scale = backbone.layer.get_layer("to_minus1_1")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
+    def bottom(images):
+        x = scale(tf.cast(images, tf.float32) / 255.0)
+        return tf.cast(bottom_model(x, training=False), tf.float16)  # halves the cache; ample for activations
+
+    top_in = keras.Input(tuple(cached.shape[1:]), dtype="float32", name="activations")
+    out = {id(cached): top_in}
+    for layer in layers[start:]:
+        ins = [out[id(t)] for t in inputs(layer)]
+        out[id(layer.get_output_at(0))] = layer(ins if isinstance(layer.get_input_at(0), list) else ins[0])
+    top = keras.Model(top_in, out[id(base.outputs[0])], name="backbone_top")
+    return Cut(start, layers[start].name, tuple(cached.shape[1:]), bottom, top)
+
+
+def top_classifier(cut: Cut, num_classes: int, cfg: RunConfig) -> "keras.Model":
+    """Cached activations (float16) -> logits: the backbone's top, batch norm in inference mode,
+    and a head initialised as build_classifier's."""
+    inputs = keras.Input(cut.shape, dtype="float16", name="activations")
+    features = cut.top(tf.cast(inputs, tf.float32), training=False)
+    return keras.Model(inputs, build_head(num_classes, cfg.seed)(features), name="top_on_activations")
+
+
 # --- mixed precision: a graph rewrite of the float32 Hub function -----------------------------
 
 def graph_mixed(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int, why: str) -> Backbone:

@@ -43,9 +43,10 @@ class RunResult:
 
 def image_model(result: RunResult, cfg: RunConfig):
     """The trained model on images (what ``train --save`` writes and ``predict --checkpoint``
-    loads): featcache trained only a head on features, so its model is the frozen backbone
-    (``result.backbone``, kept with ``keep_model``) with that head on top, fed uint8 like tfdata's."""
-    if cfg.pipeline != "featcache":
+    loads): featcache trained only a head on features (cutcache: the top and a head on activations
+    at the cut), so its model is the backbone (``result.backbone``, kept with ``keep_model``; the
+    top's layers are the backbone's) with that head on top, fed uint8 like tfdata's."""
+    if cfg.pipeline not in ("featcache", "cutcache"):
         return result.model
     return models.build_classifier(result.backbone, len(result.classes), cfg, "uint8",
                                    head=result.model.get_layer("head"))
