@@ -185,14 +185,17 @@ class RunConfig:
         if self.data_service:
             data_service_address(self.data_service)
         if self.engine == "openvino":
-            if self.pipeline != "featcache":
-                raise UserError(f"--engine openvino runs featcache's frozen feature pass; use --pipeline featcache, "
-                                f"or --engine tf with --pipeline {self.pipeline}")
+            if self.pipeline not in ("featcache", "cutcache"):
+                raise UserError(f"--engine openvino runs featcache's frozen feature pass (and cutcache's pass to the "
+                                f"cut); use --pipeline featcache, or --engine tf with --pipeline {self.pipeline}")
             if self.device != "cpu":
                 raise UserError(f"--engine openvino runs on the CPU only; use --device cpu, or --engine tf on "
                                 f"--device {self.device}")
             if self.xla_backbone:
                 raise UserError("--xla-backbone compiles TensorFlow's feature pass; drop it with --engine openvino")
+        if self.precision == "int8" and self.pipeline == "cutcache":
+            raise UserError("--precision int8 quantizes featcache's whole frozen backbone; cutcache's pass to the cut "
+                            "runs fp32 or mixed (bf16 on OpenVINO): use one of those, or --pipeline featcache")
         if self.precision == "int8" and self.engine != "openvino":
             raise UserError("--precision int8 runs on OpenVINO after NNCF's quantization; add --engine openvino "
                             "(--pipeline featcache)")

@@ -146,12 +146,12 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     dim = _check_features(hub_layer, handle, cfg.image_size)
     if cfg.precision == "fp32" and not cfg.fine_tune_epochs:
         return Backbone(hub_layer, handle, weights, "float32", dim, "", hub_layer, 1.0)
+    if cfg.fine_tune_epochs:
+        return _cut_backbone(cfg, hub_layer, handle, weights, dim)
     if cfg.engine == "openvino":
         # OpenVINO converts the float32 Hub function and lowers the precision itself (int8: NNCF).
         route = OPENVINO_INT8 if cfg.precision == "int8" else OPENVINO_BF16
         return Backbone(hub_layer, handle, weights, "float32", dim, route, hub_layer)
-    if cfg.fine_tune_epochs:
-        return _cut_backbone(cfg, hub_layer, handle, weights, dim)
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}")
     except NotMappable as exc:
@@ -166,8 +166,9 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
 def _cut_backbone(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int) -> Backbone:
     """The native rebuild (a Hub SavedModel cannot be frozen layer by layer), frozen for the head
     phase; ``unfreeze_from`` opens its top for the fine-tune phase. Under the mixed policy for
-    --precision mixed, else float32."""
-    policy = f"mixed_{cfg.mixed_dtype}" if cfg.precision == "mixed" else "float32"
+    --precision mixed on TensorFlow, else float32 (cutcache on OpenVINO: OpenVINO lowers the
+    bottom's precision itself; the top trains in float32)."""
+    policy = f"mixed_{cfg.mixed_dtype}" if cfg.precision == "mixed" and cfg.engine == "tf" else "float32"
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, policy)
     except NotMappable as exc:
@@ -176,7 +177,7 @@ def _cut_backbone(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int
                          "MobileNetV2 like --model-handle random or Google's Hub MobileNetV2") from None
     native.trainable = False
     cut = cut_index(native, cfg.fine_tune_from)  # a bad name fails here, before any training
-    route = NATIVE if cfg.precision == "mixed" else ""
+    route = "" if policy == "float32" else NATIVE
     return Backbone(native, handle, weights, conv_compute_dtype(native, cfg.image_size), dim, route, hub_layer,
                     feature_cosine(native, hub_layer, cfg.image_size), cut=cut)
 

@@ -154,3 +154,21 @@ def test_the_cut_cache_is_the_whole_models_activations_and_trains_the_same(ft_cf
     # float16 activations: the curves agree to a few per cent, not bit for bit.
     np.testing.assert_allclose(losses["cutcache"], losses["tfdata"], rtol=0.05)
     assert abs(cached["test_loss"] - rows["tfdata"]["test_loss"]) <= 0.05 * rows["tfdata"]["test_loss"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+def test_the_cut_pass_runs_on_openvino(ft_cfg, cache, precision):
+    from flowers_fast import engine
+
+    if precision == "mixed" and not engine.cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16: OpenVINO bf16 cannot run here")
+    cfg = ft_cfg.replace(pipeline="cutcache", engine="openvino", precision=precision, num_images=20)
+    row = train.run(cfg, cache, progress=False, predictions=False).row
+    assert row["cut_pass_precision"] == {"fp32": "float32", "mixed": "bfloat16"}[precision]
+    assert row["cut_cosine_vs_fp32"] >= (0.9999 if precision == "fp32" else 0.99)
+    assert row["cut_cache_dtype"] == "float16" and row["compute_dtype"] == "float32"  # the top trains in float32
+
+
+def test_int8_and_the_cut_pass_is_a_usage_error():
+    with pytest.raises(UserError, match="--precision int8 .*cutcache's pass to the cut runs fp32 or mixed"):
+        RunConfig(pipeline="cutcache", engine="openvino", precision="int8", fine_tune_epochs=1)

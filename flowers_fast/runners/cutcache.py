@@ -1,6 +1,7 @@
 """cutcache: fine-tuning from a cut at near-featcache speed. The frozen bottom of the native
-MobileNetV2 (the layers below the cut) runs once over the files, streamed like featcache's pass;
-its activations at the cut are kept in memory (float16), and every epoch of both phases (the
+MobileNetV2 (the layers below the cut) runs once over the files, streamed like featcache's pass,
+on TensorFlow or OpenVINO (--engine; bf16 with --precision mixed where the CPU has it); its
+activations at the cut are kept in memory (float16), and every epoch of both phases (the
 frozen head, then the top from --fine-tune-from up) trains on them instead of on images."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import time
 
 import numpy as np
 
-from .. import engine, pipeline, train
+from .. import engine, mobilenet, pipeline, train
 from .. import model as models
 from .featcache import stream_features
 
@@ -17,16 +18,23 @@ from .featcache import stream_features
 def run(ctx: train.RunContext) -> train.RunResult:
     cfg, row, split = ctx.cfg, ctx.row, ctx.split
     cut = models.cut_parts(ctx.backbone, cfg.image_size)
-    eng = engine.make("tf", cut.bottom, cfg.precision, ctx.backbone.compute_dtype)
+    eng = engine.make(cfg.engine, cut.bottom, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
     eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))  # trace before timing
     warm = time.perf_counter() - start
+    if eng.name != "tf":  # how far OpenVINO (bf16 most of all) moved the activations: a check, outside total_s
+        start = time.perf_counter()
+        images = np.round((mobilenet.calibration_images(8, cfg.image_size, seed=123) + 1.0) * 127.5).astype(np.uint8)
+        got, reference = eng(images).reshape(8, -1), engine.make("tf", cut.bottom)(images).reshape(8, -1)
+        row.update(cut_cosine_vs_fp32=float(models.cosine(got, reference).min()),
+                   cut_check_s=time.perf_counter() - start)
     train_a = stream_features(ctx, eng, split.train_files, split.train_labels, "train")
     test_a = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
     skipped = sorted(set(split.train_files) - set(train_a.files)) + sorted(set(split.test_files) - set(test_a.files))
     train._record_prep(ctx, 0.0, len(train_a.files), len(test_a.files), skipped, "RGB")  # decoded in the pass
-    cut_pass = warm + train_a.seconds
-    row.update(cut_cache_layer=cut.name, cut_cache_shape="x".join(map(str, cut.shape)),
+    cut_pass = eng.setup_s + warm + train_a.seconds
+    row.update(engine_setup_s=eng.setup_s, cut_pass_precision=eng.precision, cut_cache_layer=cut.name,
+               cut_cache_shape="x".join(map(str, cut.shape)),
                cut_cache_dtype=str(train_a.features.dtype), feature_batch=cfg.feature_batch,
                cut_cache_mb=(train_a.features.nbytes + test_a.features.nbytes) / 2**20,
                cut_pass_warmup_s=warm, cut_pass_s=train_a.seconds, test_cut_pass_s=test_a.seconds,
