@@ -269,12 +269,12 @@ def cut_parts(backbone: Backbone, image_size: int) -> Cut:
     return Cut(start, layers[start].name, tuple(cached.shape[1:]), bottom, top)
 
 
-def top_classifier(cut: Cut, num_classes: int, cfg: RunConfig) -> "keras.Model":
+def top_classifier(cut: Cut, cfg: RunConfig, head) -> "keras.Model":
     """Cached activations (float16) -> logits: the backbone's top, batch norm in inference mode,
-    and a head initialised as build_classifier's."""
+    and ``head`` (the one the head phase trained)."""
     inputs = keras.Input(cut.shape, dtype="float16", name="activations")
     features = cut.top(tf.cast(inputs, tf.float32), training=False)
-    return keras.Model(inputs, build_head(num_classes, cfg.seed)(features), name="top_on_activations")
+    return keras.Model(inputs, head(features), name="top_on_activations")
 
 
 # --- mixed precision: a graph rewrite of the float32 Hub function -----------------------------
@@ -410,10 +410,11 @@ def augmentation(seed: int) -> "keras.Sequential":
     ], name="augment")
 
 
-def head_model(num_classes: int, feature_dim: int, cfg: RunConfig):
-    """The classifier's head alone, on features, initialised exactly as in build_classifier (same seed)."""
+def head_model(num_classes: int, feature_dim: int, cfg: RunConfig, head=None):
+    """The classifier's head alone, on features, initialised exactly as in build_classifier (same
+    seed); ``head``: a head layer to use (cutcache's, shared with its fine-tune phase)."""
     inputs = keras.Input((feature_dim,), dtype="float32", name="features")
-    return keras.Model(inputs, build_head(num_classes, cfg.seed)(inputs), name="head_on_features")
+    return keras.Model(inputs, (head or build_head(num_classes, cfg.seed))(inputs), name="head_on_features")
 
 
 def compile_classifier(model, cfg: RunConfig) -> None:

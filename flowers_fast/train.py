@@ -218,10 +218,13 @@ def _compiled(ctx: RunContext, build) -> "keras.Model":
 
 
 def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test: int, prep_s: float,
-                  label: str, train_y=None, test_y=None, batch_size=None, extra_s: float = 0.0):
+                  label: str, train_y=None, test_y=None, batch_size=None, extra_s: float = 0.0,
+                  fine_tune_on: Callable | None = None):
     """Fit for the configured epochs, evaluate, predict: epoch times, steady state, totals and
     test metrics go into the row; returns (y_true, y_pred). ``x`` is a dataset, or an array with
-    ``y`` and ``batch_size`` (the naive way)."""
+    ``y`` and ``batch_size`` (the naive way). ``fine_tune_on``: what the fine-tune phase trains
+    and is evaluated on instead, ``() -> (model, train_x, test_x)`` (cutcache: the head phase on
+    features, the fine-tune phase on activations); by default the same model and data."""
     cfg, row = ctx.cfg, ctx.row
     timer = metrics.EpochTimer()
     bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
@@ -230,6 +233,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
         with _files_stay(ctx):
             _fit(model, cfg, train_x, train_y, batch_size, callbacks)
             if cfg.fine_tune_epochs:
+                if fine_tune_on is not None:
+                    model, train_x, test_x = fine_tune_on()
                 _fine_tune_phase(ctx, model, train_x, train_y, batch_size, callbacks)
     finally:
         bar.close()  # an error message then starts on its own line

@@ -172,3 +172,14 @@ def test_the_cut_pass_runs_on_openvino(ft_cfg, cache, precision):
 def test_int8_and_the_cut_pass_is_a_usage_error():
     with pytest.raises(UserError, match="--precision int8 .*cutcache's pass to the cut runs fp32 or mixed"):
         RunConfig(pipeline="cutcache", engine="openvino", precision="int8", fine_tune_epochs=1)
+
+
+def test_activations_that_would_not_fit_stop_before_the_pass(ft_cfg, cache, monkeypatch):
+    import psutil
+
+    from flowers_fast.errors import UnsupportedError
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 100_000})())
+    with pytest.raises(UnsupportedError, match=r"cutcache: the activations at block_15_expand \(3x3x160 float16\) "
+                                               r"for 40 images need 0.1 MB, over half the 0.1 MB available"):
+        train.run(ft_cfg.replace(pipeline="cutcache"), cache, progress=False, predictions=False)
