@@ -22,6 +22,14 @@ _ALL = [
     RunConfig(name="tfdata-mixed-xla", pipeline="tfdata", precision="mixed", xla_step=True),
     # TensorFlow's tutorial, second half: --epochs frozen, then 5 epochs from its layer 100 at a 10x lower rate.
     RunConfig(name="tfdata-ft", pipeline="tfdata", fine_tune_epochs=5, fine_tune_from="100"),
+    # The same recipe on the cut cache: the bottom once, the activations at block 11's input kept.
+    RunConfig(name="cutcache-ft", pipeline="cutcache", fine_tune_epochs=5, fine_tune_from="100"),
+    # Its pass to the cut on OpenVINO in bfloat16 (a skipped row where the CPU has no native bf16).
+    RunConfig(name="cutcache-ov-bf16-ft", pipeline="cutcache", engine="openvino", precision="mixed",
+              fine_tune_epochs=5, fine_tune_from="100"),
+    # Only the top two blocks (15, 16) and Conv_1 unfrozen, whole model vs cut cache.
+    RunConfig(name="tfdata-b15-ft", pipeline="tfdata", fine_tune_epochs=5, fine_tune_from="block_15"),
+    RunConfig(name="cutcache-b15-ft", pipeline="cutcache", fine_tune_epochs=5, fine_tune_from="block_15"),
     RunConfig(name="featcache", pipeline="featcache"),
     RunConfig(name="featcache-mixed", pipeline="featcache", precision="mixed"),
     RunConfig(name="featcache-xla", pipeline="featcache", xla_backbone=True, xla_step=True),

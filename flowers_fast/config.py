@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .errors import UserError, invoked
 
-PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "modelonly")
+PIPELINES = ("naive", "tutorial", "tfdata", "featcache", "cutcache", "modelonly")
 DATASETS = ("synthetic", "flowers", "tfds")
 DEVICES = ("cpu", "gpu")
 PRECISIONS = ("fp32", "mixed", "int8")
@@ -66,7 +66,9 @@ class RunConfig:
     name: str | None = knob(None, "configuration name (bench names each configuration; default: the pipeline)",
                             where=())
     pipeline: str = knob("tfdata", "naive (the notebook: OpenCV to NumPy), tutorial (TF's tutorial), tfdata, "
-                         "featcache (frozen features once, then the head), modelonly (in-memory tensors, no data)",
+                         "featcache (frozen features once, then the head), cutcache (--fine-tune-epochs: the frozen "
+                         "bottom's activations at the cut once, then the top and the head), modelonly (in-memory "
+                         "tensors, no data)",
                          choices=PIPELINES, where=(TRAIN,))
     device: str = knob("cpu", "where to train", choices=DEVICES, where=(TRAIN,))
     # data
@@ -193,14 +195,17 @@ class RunConfig:
         if self.data_service:
             data_service_address(self.data_service)
         if self.engine == "openvino":
-            if self.pipeline != "featcache":
-                raise UserError(f"--engine openvino runs featcache's frozen feature pass; use --pipeline featcache, "
-                                f"or --engine tf with --pipeline {self.pipeline}")
+            if self.pipeline not in ("featcache", "cutcache"):
+                raise UserError(f"--engine openvino runs featcache's frozen feature pass (and cutcache's pass to the "
+                                f"cut); use --pipeline featcache, or --engine tf with --pipeline {self.pipeline}")
             if self.device != "cpu":
                 raise UserError(f"--engine openvino runs on the CPU only; use --device cpu, or --engine tf on "
                                 f"--device {self.device}")
             if self.xla_backbone:
                 raise UserError("--xla-backbone compiles TensorFlow's feature pass; drop it with --engine openvino")
+        if self.precision == "int8" and self.pipeline == "cutcache":
+            raise UserError("--precision int8 quantizes featcache's whole frozen backbone; cutcache's pass to the cut "
+                            "runs fp32 or mixed (bf16 on OpenVINO): use one of those, or --pipeline featcache")
         if self.precision == "int8" and self.engine != "openvino":
             raise UserError("--precision int8 runs on OpenVINO after NNCF's quantization; add --engine openvino "
                             "(--pipeline featcache)")
@@ -224,13 +229,17 @@ class RunConfig:
                             "second phase after a frozen one: use one of them (--fine-tune-from 0 unfreezes all of "
                             "it in the second phase)")
         whole_model = self.pipeline in ("naive", "tutorial", "tfdata")
-        if self.fine_tune_epochs and not whole_model:
+        if self.fine_tune_epochs and not whole_model and self.pipeline != "cutcache":
             raise UserError(f"--fine-tune-epochs trains the backbone's top, which --pipeline {self.pipeline} does not "
-                            "run every epoch (featcache's cached features are the frozen backbone's output; a cache "
-                            "at the cut is not built yet); use --pipeline tfdata (or naive, tutorial)")
+                            "run every epoch (featcache's cached features are the frozen backbone's output); use "
+                            "--pipeline cutcache (a cache at the cut) or tfdata (or naive, tutorial)")
+        if self.pipeline == "cutcache" and (not self.fine_tune_epochs or self.fine_tune):
+            raise UserError("--pipeline cutcache caches the frozen bottom to train the top in a second phase; add "
+                            "--fine-tune-epochs N (and --fine-tune-from), drop --fine-tune, or use --pipeline "
+                            "featcache for a frozen backbone")
         if self.augment and not whole_model:
             raise UserError(f"--augment changes the images every epoch, which --pipeline {self.pipeline} does not "
-                            "feed through the model (featcache computes features once); use --pipeline tfdata "
+                            "feed through the model (it computes the backbone's output once); use --pipeline tfdata "
                             "(or naive, tutorial)")
 
     @classmethod

@@ -146,12 +146,12 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
     dim = _check_features(hub_layer, handle, cfg.image_size)
     if cfg.precision == "fp32" and not cfg.fine_tune_epochs:
         return Backbone(hub_layer, handle, weights, "float32", dim, "", hub_layer, 1.0)
+    if cfg.fine_tune_epochs:
+        return _cut_backbone(cfg, hub_layer, handle, weights, dim)
     if cfg.engine == "openvino":
         # OpenVINO converts the float32 Hub function and lowers the precision itself (int8: NNCF).
         route = OPENVINO_INT8 if cfg.precision == "int8" else OPENVINO_BF16
         return Backbone(hub_layer, handle, weights, "float32", dim, route, hub_layer)
-    if cfg.fine_tune_epochs:
-        return _cut_backbone(cfg, hub_layer, handle, weights, dim)
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}")
     except NotMappable as exc:
@@ -166,8 +166,9 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
 def _cut_backbone(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int) -> Backbone:
     """The native rebuild (a Hub SavedModel cannot be frozen layer by layer), frozen for the head
     phase; ``unfreeze_from`` opens its top for the fine-tune phase. Under the mixed policy for
-    --precision mixed, else float32."""
-    policy = f"mixed_{cfg.mixed_dtype}" if cfg.precision == "mixed" else "float32"
+    --precision mixed on TensorFlow, else float32 (cutcache on OpenVINO: OpenVINO lowers the
+    bottom's precision itself; the top trains in float32)."""
+    policy = f"mixed_{cfg.mixed_dtype}" if cfg.precision == "mixed" and cfg.engine == "tf" else "float32"
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, policy)
     except NotMappable as exc:
@@ -176,7 +177,7 @@ def _cut_backbone(cfg: RunConfig, hub_layer, handle: str, weights: str, dim: int
                          "MobileNetV2 like --model-handle random or Google's Hub MobileNetV2") from None
     native.trainable = False
     cut = cut_index(native, cfg.fine_tune_from)  # a bad name fails here, before any training
-    route = NATIVE if cfg.precision == "mixed" else ""
+    route = "" if policy == "float32" else NATIVE
     return Backbone(native, handle, weights, conv_compute_dtype(native, cfg.image_size), dim, route, hub_layer,
                     feature_cosine(native, hub_layer, cfg.image_size), cut=cut)
 
@@ -214,6 +215,66 @@ def unfreeze_from(backbone: Backbone) -> list[str]:
     for i, layer in enumerate(base.layers):
         layer.trainable = i >= backbone.cut
     return [layer.name for layer in base.layers[backbone.cut:] if layer.trainable_weights]
+
+
+@dataclass
+class Cut:
+    """The native backbone split for the cut cache: ``bottom`` (uint8 images -> the activations
+    entering layer ``start``, float16) runs once; ``top`` (those activations -> features) shares
+    the backbone's layers from ``start`` up, so what it trains is the backbone's."""
+
+    start: int  # the lowest layer at or below the cut that only one tensor from below enters
+    name: str  # that layer's name
+    shape: tuple  # the activations' shape per image
+    bottom: object
+    top: "keras.Model"
+
+
+def cut_parts(backbone: Backbone, image_size: int) -> Cut:
+    """Where to cache for a cut at ``backbone.cut``: the nearest layer at or below it that a single
+    tensor from below enters (a block's start, where its residual input is that tensor too), so
+    layers between there and the cut are recomputed, frozen, each epoch (cut at layer 100, inside
+    block 11 at 14x14x576: the cache holds block 11's 14x14x96 input)."""
+    base = native_base(backbone.layer)
+    layers = base.layers
+    # Node 0: the base's own graph (building ``top`` calls its layers again, adding nodes).
+    producer = {id(layer.get_output_at(0)): i for i, layer in enumerate(layers)}
+
+    def inputs(layer):
+        given = layer.get_input_at(0)
+        return given if isinstance(given, list) else [given]
+
+    for start in range(backbone.cut, 0, -1):
+        crossing = {producer[id(t)] for layer in layers[start:] for t in inputs(layer) if producer[id(t)] < start}
+        if len(crossing) == 1 and start > 1:
+            break
+    else:
+        raise ModelError(f"--fine-tune-from {layers[backbone.cut].name}: at the stem there is nothing below the cut to "
+                         "cache; use --pipeline tfdata, or cut at a block (block_1 .. block_16)")
+    cached = layers[crossing.pop()].get_output_at(0)
+    bottom_model = keras.Model(base.input, cached)
+    scale = backbone.layer.get_layer("to_minus1_1")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
+    def bottom(images):
+        x = scale(tf.cast(images, tf.float32) / 255.0)
+        return tf.cast(bottom_model(x, training=False), tf.float16)  # halves the cache; ample for activations
+
+    top_in = keras.Input(tuple(cached.shape[1:]), dtype="float32", name="activations")
+    out = {id(cached): top_in}
+    for layer in layers[start:]:
+        ins = [out[id(t)] for t in inputs(layer)]
+        out[id(layer.get_output_at(0))] = layer(ins if isinstance(layer.get_input_at(0), list) else ins[0])
+    top = keras.Model(top_in, out[id(base.outputs[0])], name="backbone_top")
+    return Cut(start, layers[start].name, tuple(cached.shape[1:]), bottom, top)
+
+
+def top_classifier(cut: Cut, cfg: RunConfig, head) -> "keras.Model":
+    """Cached activations (float16) -> logits: the backbone's top, batch norm in inference mode,
+    and ``head`` (the one the head phase trained)."""
+    inputs = keras.Input(cut.shape, dtype="float16", name="activations")
+    features = cut.top(tf.cast(inputs, tf.float32), training=False)
+    return keras.Model(inputs, head(features), name="top_on_activations")
 
 
 # --- mixed precision: a graph rewrite of the float32 Hub function -----------------------------
@@ -349,10 +410,11 @@ def augmentation(seed: int) -> "keras.Sequential":
     ], name="augment")
 
 
-def head_model(num_classes: int, feature_dim: int, cfg: RunConfig):
-    """The classifier's head alone, on features, initialised exactly as in build_classifier (same seed)."""
+def head_model(num_classes: int, feature_dim: int, cfg: RunConfig, head=None):
+    """The classifier's head alone, on features, initialised exactly as in build_classifier (same
+    seed); ``head``: a head layer to use (cutcache's, shared with its fine-tune phase)."""
     inputs = keras.Input((feature_dim,), dtype="float32", name="features")
-    return keras.Model(inputs, build_head(num_classes, cfg.seed)(inputs), name="head_on_features")
+    return keras.Model(inputs, (head or build_head(num_classes, cfg.seed))(inputs), name="head_on_features")
 
 
 def compile_classifier(model, cfg: RunConfig) -> None:

@@ -44,9 +44,10 @@ class RunResult:
 
 def image_model(result: RunResult, cfg: RunConfig):
     """The trained model on images (what ``train --save`` writes and ``predict --checkpoint``
-    loads): featcache trained only a head on features, so its model is the frozen backbone
-    (``result.backbone``, kept with ``keep_model``) with that head on top, fed uint8 like tfdata's."""
-    if cfg.pipeline != "featcache":
+    loads): featcache trained only a head on features (cutcache: the top and a head on activations
+    at the cut), so its model is the backbone (``result.backbone``, kept with ``keep_model``; the
+    top's layers are the backbone's) with that head on top, fed uint8 like tfdata's."""
+    if cfg.pipeline not in ("featcache", "cutcache"):
         return result.model
     return models.build_classifier(result.backbone, len(result.classes), cfg, "uint8",
                                    head=result.model.get_layer("head"))
@@ -218,10 +219,13 @@ def _compiled(ctx: RunContext, build) -> "keras.Model":
 
 
 def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test: int, prep_s: float,
-                  label: str, train_y=None, test_y=None, batch_size=None, extra_s: float = 0.0):
+                  label: str, train_y=None, test_y=None, batch_size=None, extra_s: float = 0.0,
+                  fine_tune_on: Callable | None = None):
     """Fit for the configured epochs, evaluate, predict: epoch times, steady state, totals and
     test metrics go into the row; returns (y_true, y_pred). ``x`` is a dataset, or an array with
-    ``y`` and ``batch_size`` (the naive way)."""
+    ``y`` and ``batch_size`` (the naive way). ``fine_tune_on``: what the fine-tune phase trains
+    and is evaluated on instead, ``() -> (model, train_x, test_x)`` (cutcache: the head phase on
+    features, the fine-tune phase on activations); by default the same model and data."""
     cfg, row = ctx.cfg, ctx.row
     timer = metrics.EpochTimer()
     bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
@@ -230,6 +234,8 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
         with _files_stay(ctx):
             _fit(model, cfg, train_x, train_y, batch_size, callbacks)
             if cfg.fine_tune_epochs:
+                if fine_tune_on is not None:
+                    model, train_x, test_x = fine_tune_on()
                 _fine_tune_phase(ctx, model, train_x, train_y, batch_size, callbacks)
     finally:
         bar.close()  # an error message then starts on its own line

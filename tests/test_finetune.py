@@ -76,10 +76,14 @@ def test_fine_tune_knobs_are_checked_up_front():
     with pytest.raises(UserError, match="use one of them"):
         RunConfig(fine_tune_epochs=1, fine_tune=True)
     for pipeline in ("featcache", "modelonly"):
-        with pytest.raises(UserError, match=f"--fine-tune-epochs .*--pipeline {pipeline}.*use --pipeline tfdata"):
+        with pytest.raises(UserError, match=f"--fine-tune-epochs .*--pipeline {pipeline}.*use --pipeline cutcache "
+                                            r"\(a cache at the cut\) or tfdata"):
             RunConfig(pipeline=pipeline, fine_tune_epochs=1)
-    with pytest.raises(UserError, match="--augment .*featcache computes features once.*use --pipeline tfdata"):
-        RunConfig(pipeline="featcache", augment=True)
+    for pipeline in ("featcache", "cutcache"):
+        with pytest.raises(UserError, match="--augment .*computes the backbone's output once.*use --pipeline tfdata"):
+            RunConfig(pipeline=pipeline, augment=True, fine_tune_epochs=int(pipeline == "cutcache"))
+    with pytest.raises(UserError, match="--pipeline cutcache caches the frozen bottom.*add --fine-tune-epochs"):
+        RunConfig(pipeline="cutcache")
 
 
 @pytest.mark.parametrize("where,says", [("block_99", "no such layer or block"), ("900", "layers 0..")])
@@ -119,6 +123,63 @@ def test_augmentation_acts_only_while_training_and_is_seeded(ft_cfg, cache):
 
 def test_fine_tune_configurations_end_in_ft_and_stay_out_of_quick():
     tuned = {name for name, cfg in configs.CONFIGS.items() if cfg.fine_tune_epochs or cfg.fine_tune}
-    assert "tfdata-ft" in tuned and all(name.endswith("-ft") for name in tuned)
+    assert {"tfdata-ft", "cutcache-ft", "tfdata-b15-ft", "cutcache-b15-ft"} <= tuned
+    assert all(name.endswith("-ft") for name in tuned)
     assert configs.CONFIGS["tfdata-ft"].fine_tune_from == TUTORIAL_FINE_TUNE_FROM
     assert not tuned & set(configs.PRESETS["quick"].configs)
+
+
+# --- cutcache: the frozen bottom once, the top and head on its activations --------------------
+
+def test_the_cut_cache_is_the_whole_models_activations_and_trains_the_same(ft_cfg, cache):
+    """Cut at the tutorial's layer 100 (inside block 11): the cache holds block 11's input, the top
+    recomputes the frozen expansion; bottom then top gives the backbone's features, and training
+    on the cache follows training through the whole model (same seed, same order)."""
+    cfg = ft_cfg.replace(fine_tune_from=TUTORIAL_FINE_TUNE_FROM, deterministic=True)
+    backbone = models.build_backbone(cfg, cache)
+    cut = models.cut_parts(backbone, 96)
+    assert cut.name == "block_11_expand" and cut.shape == (6, 6, 96) and cut.start <= backbone.cut
+    x = np.random.default_rng(2).integers(0, 256, (4, 96, 96, 3)).astype(np.uint8)
+    activations = cut.bottom(tf.constant(x))
+    assert activations.dtype == tf.float16
+    whole = backbone.layer(tf.cast(x, tf.float32) / 255.0, training=False).numpy()
+    assert models.cosine(cut.top(tf.cast(activations, tf.float32), training=False).numpy(), whole).min() >= 0.999
+
+    rows = {p: train.run(cfg.replace(pipeline=p), cache, progress=False, predictions=False).row
+            for p in ("cutcache", "tfdata")}
+    cached = rows["cutcache"]
+    assert cached["cut_cache_layer"] == "block_11_expand" and cached["cut_cache_dtype"] == "float16"
+    assert cached["cut_cache_shape"] == "6x6x96" and cached["cut_cache_mb"] > 0
+    losses = {p: np.array(row["epoch_loss"].split(), float) for p, row in rows.items()}
+    # float16 activations: the curves agree to a few per cent, not bit for bit.
+    np.testing.assert_allclose(losses["cutcache"], losses["tfdata"], rtol=0.05)
+    assert abs(cached["test_loss"] - rows["tfdata"]["test_loss"]) <= 0.05 * rows["tfdata"]["test_loss"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+def test_the_cut_pass_runs_on_openvino(ft_cfg, cache, precision):
+    from flowers_fast import engine
+
+    if precision == "mixed" and not engine.cpu_has_bf16():
+        pytest.skip("this CPU has no native bfloat16: OpenVINO bf16 cannot run here")
+    cfg = ft_cfg.replace(pipeline="cutcache", engine="openvino", precision=precision, num_images=20)
+    row = train.run(cfg, cache, progress=False, predictions=False).row
+    assert row["cut_pass_precision"] == {"fp32": "float32", "mixed": "bfloat16"}[precision]
+    assert row["cut_cosine_vs_fp32"] >= (0.9999 if precision == "fp32" else 0.99)
+    assert row["cut_cache_dtype"] == "float16" and row["compute_dtype"] == "float32"  # the top trains in float32
+
+
+def test_int8_and_the_cut_pass_is_a_usage_error():
+    with pytest.raises(UserError, match="--precision int8 .*cutcache's pass to the cut runs fp32 or mixed"):
+        RunConfig(pipeline="cutcache", engine="openvino", precision="int8", fine_tune_epochs=1)
+
+
+def test_activations_that_would_not_fit_stop_before_the_pass(ft_cfg, cache, monkeypatch):
+    import psutil
+
+    from flowers_fast.errors import UnsupportedError
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 100_000})())
+    with pytest.raises(UnsupportedError, match=r"cutcache: the activations at block_15_expand \(3x3x160 float16\) "
+                                               r"for 40 images need 0.1 MB, over half the 0.1 MB available"):
+        train.run(ft_cfg.replace(pipeline="cutcache"), cache, progress=False, predictions=False)

@@ -183,3 +183,21 @@ def test_predict_mixed_on_tensorflow_is_a_usage_error(capsys):
     image = str(PRETRAINED / "images" / "cat.jpg")
     assert main(["predict", image, "--model-handle", "random", "--precision", "mixed"]) == 2
     assert "--engine openvino" in capsys.readouterr().err
+
+
+def test_the_cut_cache_holds_the_whole_models_activations_on_real_weights(cache, photos):
+    """cutcache at the tutorial's layer 100 on the Hub weights: block 11's 14x14x96 input, stored
+    float16, equals the float32 model's intermediate output, and the top on it gives its features."""
+    from flowers_fast.tfkeras import keras, tf
+
+    backbone = models.build_backbone(RunConfig(model_handle=str(FEATURES), image_size=SIZE, fine_tune_epochs=1), cache)
+    cut = models.cut_parts(backbone, SIZE)
+    assert cut.name == "block_11_expand" and cut.shape == (14, 14, 96)
+    cached = cut.bottom(tf.constant(photos)).numpy().astype(np.float32)
+    base = models.native_base(backbone.layer)
+    inner = keras.Model(base.input, base.get_layer("block_10_project_BN").get_output_at(0))
+    unit = photos.astype(np.float32) / 255.0
+    want = inner(unit * 2.0 - 1.0).numpy()
+    assert models.cosine(cached.reshape(5, -1), want.reshape(5, -1)).min() >= 0.999
+    features = cut.top(cached, training=False).numpy()
+    assert models.cosine(features, backbone.layer(unit, training=False).numpy()).min() >= 0.999

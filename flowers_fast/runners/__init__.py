@@ -8,12 +8,13 @@ runs, so that the runners can import ``train`` at their top without a cycle.
 from __future__ import annotations
 
 from ..train import Runner
-from . import featcache, modelonly, naive, tfdata, tutorial
+from . import cutcache, featcache, modelonly, naive, tfdata, tutorial
 
 RUNNERS = {
     "naive": Runner(naive.run),
     "tutorial": Runner(tutorial.run),
     "tfdata": Runner(tfdata.run),
     "featcache": Runner(featcache.run),
+    "cutcache": Runner(cutcache.run),
     "modelonly": Runner(modelonly.run, needs_data=False),
 }
