@@ -22,6 +22,8 @@ _ALL = [
     RunConfig(name="tfdata-mixed-xla", pipeline="tfdata", precision="mixed", xla_step=True),
     # TensorFlow's tutorial, second half: --epochs frozen, then 5 epochs from its layer 100 at a 10x lower rate.
     RunConfig(name="tfdata-ft", pipeline="tfdata", fine_tune_epochs=5, fine_tune_from="100"),
+    # ... with the tutorial's augmentation too (flip, rotation, zoom inside the model, every epoch).
+    RunConfig(name="tfdata-aug-ft", pipeline="tfdata", augment=True, fine_tune_epochs=5, fine_tune_from="100"),
     # The same recipe on the cut cache: the bottom once, the activations at block 11's input kept.
     RunConfig(name="cutcache-ft", pipeline="cutcache", fine_tune_epochs=5, fine_tune_from="100"),
     # Its pass to the cut on OpenVINO in bfloat16 (a skipped row where the CPU has no native bf16).
