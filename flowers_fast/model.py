@@ -152,6 +152,11 @@ def build_backbone(cfg: RunConfig, cache: Path) -> Backbone:
         # OpenVINO converts the float32 Hub function and lowers the precision itself (int8: NNCF).
         route = OPENVINO_INT8 if cfg.precision == "int8" else OPENVINO_BF16
         return Backbone(hub_layer, handle, weights, "float32", dim, route, hub_layer)
+    if cfg.pipeline == "featcache" and cfg.device == "cpu" and runtime.onednn_enabled():
+        # featcache's pass is inference only: grappler's bf16 rewrite of the Hub graph ran it 2.2x
+        # TensorFlow float32, the Keras mixed policy on the native rebuild 0.5x (real weights, 500
+        # photos, a Sapphire Rapids class Xeon, 2026-12-01): the policy casts around every layer.
+        return graph_mixed(cfg, hub_layer, handle, weights, dim, "featcache's frozen pass runs the Hub graph")
     try:
         native = native_mobilenet(hub_layer, cfg.image_size, f"mixed_{cfg.mixed_dtype}")
     except NotMappable as exc:

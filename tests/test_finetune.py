@@ -4,6 +4,8 @@ On the small random export (96 px, the same Keras MobileNetV2 layer indices as a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,11 +25,25 @@ def ft_cfg(small_model):
                      model_handle=str(small_model), breakdown=False)
 
 
+PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "pretrained" / "mobilenet_v2_100_224_feature_vector"
+
+
+@pytest.fixture(scope="module", params=["random", "pretrained"])
+def weights_cfg(request, ft_cfg):
+    """The cut's checks on the small random export and on the real ImageNet weights (224 px)."""
+    if request.param == "random":
+        return ft_cfg
+    if not PRETRAINED.is_dir():
+        pytest.skip(f"no pretrained weights at {PRETRAINED}")
+    return ft_cfg.replace(model_handle=str(PRETRAINED), image_size=224, num_images=20)
+
+
 def base_layers(backbone) -> list:
     return models.native_base(backbone.layer).layers
 
 
-def test_gradients_reach_exactly_the_layers_from_the_cut(ft_cfg, cache):
+def test_gradients_reach_exactly_the_layers_from_the_cut(weights_cfg, cache):
+    ft_cfg = weights_cfg
     backbone = models.build_backbone(ft_cfg, cache)
     layers = base_layers(backbone)
     assert layers[backbone.cut].name == "block_15_expand"
@@ -35,7 +51,8 @@ def test_gradients_reach_exactly_the_layers_from_the_cut(ft_cfg, cache):
     frozen_phase = {w.ref() for w in clf.trainable_weights}
     assert frozen_phase == {w.ref() for w in clf.get_layer("head").weights}  # the head phase: the head only
     models.unfreeze_from(backbone)
-    x = tf.constant(np.random.default_rng(0).integers(0, 256, (4, 96, 96, 3)), tf.uint8)
+    size = ft_cfg.image_size
+    x = tf.constant(np.random.default_rng(0).integers(0, 256, (4, size, size, 3)), tf.uint8)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(clf(x, training=True) ** 2)
     grads = tape.gradient(loss, clf.trainable_weights)
@@ -46,7 +63,8 @@ def test_gradients_reach_exactly_the_layers_from_the_cut(ft_cfg, cache):
     assert all(not layer.trainable_weights for layer in layers[:backbone.cut])
 
 
-def test_two_phases_leave_the_frozen_layers_and_every_batch_norm_statistic_unchanged(ft_cfg, cache):
+def test_two_phases_leave_the_frozen_layers_and_every_batch_norm_statistic_unchanged(weights_cfg, cache):
+    ft_cfg = weights_cfg
     before = models.build_backbone(ft_cfg, cache)  # the same weights the run starts from
     result = train.run(ft_cfg, cache, progress=False, keep_model=True, predictions=False)
     row, after = result.row, result.backbone
@@ -131,15 +149,16 @@ def test_fine_tune_configurations_end_in_ft_and_stay_out_of_quick():
 
 # --- cutcache: the frozen bottom once, the top and head on its activations --------------------
 
-def test_the_cut_cache_is_the_whole_models_activations_and_trains_the_same(ft_cfg, cache):
+def test_the_cut_cache_is_the_whole_models_activations_and_trains_the_same(weights_cfg, cache):
     """Cut at the tutorial's layer 100 (inside block 11): the cache holds block 11's input, the top
     recomputes the frozen expansion; bottom then top gives the backbone's features, and training
     on the cache follows training through the whole model (same seed, same order)."""
-    cfg = ft_cfg.replace(fine_tune_from=TUTORIAL_FINE_TUNE_FROM, deterministic=True)
+    cfg = weights_cfg.replace(fine_tune_from=TUTORIAL_FINE_TUNE_FROM, deterministic=True)
+    size, side = cfg.image_size, -(-cfg.image_size // 16)  # block 11 runs at 1/16 of the input's side
     backbone = models.build_backbone(cfg, cache)
-    cut = models.cut_parts(backbone, 96)
-    assert cut.name == "block_11_expand" and cut.shape == (6, 6, 96) and cut.start <= backbone.cut
-    x = np.random.default_rng(2).integers(0, 256, (4, 96, 96, 3)).astype(np.uint8)
+    cut = models.cut_parts(backbone, size)
+    assert cut.name == "block_11_expand" and cut.shape == (side, side, 96) and cut.start <= backbone.cut
+    x = np.random.default_rng(2).integers(0, 256, (4, size, size, 3)).astype(np.uint8)
     activations = cut.bottom(tf.constant(x))
     assert activations.dtype == tf.float16
     whole = backbone.layer(tf.cast(x, tf.float32) / 255.0, training=False).numpy()
@@ -149,7 +168,7 @@ def test_the_cut_cache_is_the_whole_models_activations_and_trains_the_same(ft_cf
             for p in ("cutcache", "tfdata")}
     cached = rows["cutcache"]
     assert cached["cut_cache_layer"] == "block_11_expand" and cached["cut_cache_dtype"] == "float16"
-    assert cached["cut_cache_shape"] == "6x6x96" and cached["cut_cache_mb"] > 0
+    assert cached["cut_cache_shape"] == f"{side}x{side}x96" and cached["cut_cache_mb"] > 0
     losses = {p: np.array(row["epoch_loss"].split(), float) for p, row in rows.items()}
     # float16 activations: the curves agree to a few per cent, not bit for bit.
     np.testing.assert_allclose(losses["cutcache"], losses["tfdata"], rtol=0.05)

@@ -236,3 +236,19 @@ def test_max_isa_after_tensorflow_loaded_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="--max-isa avx2: tensorflow.*already loaded"):
         runtime.set_max_isa("avx2")
     runtime.set_max_isa("all")  # nothing asked: nothing to refuse
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_featcache_mixed_on_a_cpu_takes_grapplers_rewrite_where_onednn_is_on(tiny_cfg, cache, monkeypatch, enabled):
+    """featcache's pass is inference: with oneDNN on it runs the Hub graph rewritten to bf16 (faster
+    than the Keras mixed policy); with oneDNN off there is no such rewrite, so the native rebuild."""
+    from flowers_fast.tfkeras import tf
+
+    monkeypatch.setattr(runtime, "onednn_enabled", lambda: enabled)
+    try:
+        got = models.build_backbone(tiny_cfg(pipeline="featcache", precision="mixed"), cache)
+    finally:  # process-global: undo
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": False})
+    assert got.mixed_route == (models.GRAPPLER_BF16 if enabled else models.NATIVE)
+    tfdata = models.build_backbone(tiny_cfg(pipeline="tfdata", precision="mixed"), cache)
+    assert tfdata.mixed_route == models.NATIVE  # training keeps the Keras policy
