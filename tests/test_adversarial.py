@@ -672,8 +672,10 @@ def test_signal_to_a_sweep_marks_the_running_row_and_keeps_the_rest(tmp_path, ca
     out = tmp_path / "res"
     run_files(out, name="run-20260101-000000")  # an earlier run in the same folder
     before = snapshot(tmp_path)
+    # SIGINT as a terminal's Ctrl-C delivers it, even when this runs as a background job (SIGINT ignored).
     proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--preset", "smoke", "--configs", "naive",
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(out.glob("logs/*/naive-cpu-r0.log")):  # the worker is starting
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

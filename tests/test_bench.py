@@ -91,9 +91,10 @@ def test_hanging_worker_is_killed_at_the_timeout(tmp_path):
 
 
 def _start_sweep(out, *extra):
+    # SIGINT is ignored in background jobs of non-interactive shells (a CI script's); a Ctrl-C is not.
     return subprocess.Popen([sys.executable, "-m", "bench", "run", "--preset", "smoke", "--out", str(out), *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_rows(out, n, proc, limit=300):
