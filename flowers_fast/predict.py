@@ -317,12 +317,9 @@ def _int8_engine(fn, batch_of, files, model_path, size: int, cache: Path, folder
                  reuse: bool):
     """OpenVINO on the whole model quantized by quantize.py (train's quantizer and store) on a
     seeded sample of ``files``; its outputs checked against float32 on others of them."""
-    import numpy as np
-
     from . import engine as engines
     from . import featurestore, quantize
     from .config import RunConfig
-    from .errors import UnsupportedError
     from .model import cosine
 
     cfg = RunConfig(image_size=size, calibration_images=count, reuse_quantized=reuse)
@@ -335,21 +332,14 @@ def _int8_engine(fn, batch_of, files, model_path, size: int, cache: Path, folder
     fingerprint = f"{featurestore.model_fingerprint(str(model_path))}/predict"
     q = quantize.quantized_model(lambda: engines.convert(fn), cfg, cache, fingerprint, calibrate,
                                  lambda: batches(calibrate))
-    eng = engines.make("openvino", fn, "int8", model=q.model)
-    if eng.precision != "int8":
-        raise UnsupportedError(f"--precision int8: OpenVINO ran the quantized model in {eng.precision}, not int8; "
-                               "use --precision fp32")
-    least = q.info.get("cosine")
-    if least is None:
+
+    def least_cosine(eng):
         reference = engines.make("tf", fn)
-        least = min(float(cosine(eng(x), reference(x)).min()) for x in batches(held_out))
-    if least < min_cosine:
-        raise UnsupportedError(f"--precision int8: the quantized outputs moved too far from float32's (least cosine "
-                               f"{least:.4f} on {len(held_out)} images of --calibration-dir {folder}, below "
-                               f"--int8-min-cosine {min_cosine}); calibrate on more images or use --precision fp32")
-    if not q.reused:
-        quantize.save(cache, q.info["digest"], q.model, dict(q.info, cosine=least))
-    return eng
+        return min(float(cosine(eng(x), reference(x)).min()) for x in batches(held_out))
+
+    return quantize.checked_engine(q, fn, cache, least_cosine, min_cosine, "outputs",
+                                   f"{len(held_out)} images of --calibration-dir {folder}",
+                                   "calibrate on more images or use --precision fp32")[0]
 
 
 def cmd_predict(args) -> int:

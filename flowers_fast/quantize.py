@@ -113,6 +113,28 @@ def quantized_model(convert, cfg: RunConfig, cache: Path, fingerprint: str, file
     return Quantized(model, time.perf_counter() - start, False, dict(parts, digest=digest))
 
 
+def checked_engine(q: Quantized, fn, cache: Path, least_cosine, min_cosine: float, what: str, where: str,
+                   fix: str):
+    """(OpenVINO engine on ``q``'s model, its least cosine vs float32): never an engine labelled
+    int8 that did not run int8, nor one whose cosine (the stored one, else ``least_cosine(engine)``)
+    is below ``min_cosine``; stored once it has passed. ``what``/``where``/``fix`` word the error."""
+    from .engine import make
+
+    eng = make("openvino", fn, "int8", model=q.model)
+    if eng.precision != "int8":
+        raise UnsupportedError(f"--precision int8: OpenVINO ran the quantized model's convolutions in {eng.precision}"
+                               ", not int8; use --precision fp32")
+    cosine = q.info.get("cosine")
+    if cosine is None:
+        cosine = least_cosine(eng)
+    if cosine < min_cosine:
+        raise UnsupportedError(f"--precision int8: the quantized {what} moved too far from float32's (least cosine "
+                               f"{cosine:.4f} on {where}, below --int8-min-cosine {min_cosine}); {fix}")
+    if not q.reused:
+        save(cache, q.info["digest"], q.model, dict(q.info, cosine=cosine))
+    return eng, cosine
+
+
 def sample(files, count: int, seed: int, held_out: int = 64) -> tuple[list, list]:
     """A seeded draw from the training ``files``: up to ``count`` to calibrate (at most half of
     them), and up to ``held_out`` others to check the quantized features on."""
