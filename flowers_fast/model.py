@@ -314,8 +314,9 @@ def _fresh_features(layer, images) -> np.ndarray:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of two feature matrices."""
+    """Row-wise cosine similarity of two batches (features, or activations flattened per row)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 

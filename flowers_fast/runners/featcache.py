@@ -59,7 +59,7 @@ def _int8_engine(ctx: train.RunContext, fn) -> engine.Engine:
 
     def least_cosine(eng):
         start = time.perf_counter()
-        cosine = _feature_cosine(ctx, eng, images=np.concatenate(decoded(held_out)))
+        cosine = feature_cosine(ctx, eng, images=np.concatenate(decoded(held_out)))
         check_s.append(time.perf_counter() - start)
         return cosine
 
@@ -156,7 +156,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
             # check, not the job: after evaluation (outside peak_rss_mb, since its float32 reference
             # model costs memory the job does not need) and timed on its own, outside total_s.
             start = time.perf_counter()
-            row.update(feature_cosine_vs_fp32=_feature_cosine(ctx, eng), feature_cosine_on="8 synthetic flowers",
+            row.update(feature_cosine_vs_fp32=feature_cosine(ctx, eng), feature_cosine_on="8 synthetic flowers",
                        feature_check_s=time.perf_counter() - start)
         if digest:
             featurestore.save(ctx.cache, digest, parts, train_f.files + test_f.files,
@@ -201,17 +201,18 @@ def _engine_rates(ctx: train.RunContext, eng: engine.Engine) -> tuple[float, flo
     rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch, rounds=3,
                                                    min_seconds=cfg.rate_seconds / 3)
     if "tf_fp32" in steps and eng.name != "tf" and math.isnan(ctx.row.get("feature_cosine_vs_fp32", math.nan)):
-        ctx.row["feature_cosine_vs_fp32"] = _feature_cosine(ctx, eng, reference)  # not kept with reused features
+        ctx.row["feature_cosine_vs_fp32"] = feature_cosine(ctx, eng, reference)  # not kept with reused features
     same = eng.name == "tf" and eng.precision == "float32"
     ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
                    engine_speedup_vs_tf_fp32=1.0 if same else ratio)
     return rates["engine"], warm["engine"]
 
 
-def _feature_cosine(ctx: train.RunContext, eng: engine.Engine, reference: engine.Engine | None = None,
+def feature_cosine(ctx: train.RunContext, eng: engine.Engine, reference: engine.Engine | None = None,
                     images: np.ndarray | None = None) -> float:
-    """The least cosine similarity between ``eng``'s features and TensorFlow float32's on uint8
-    ``images`` (default 8 synthetic flowers): how far this engine (and its precision) moves them."""
+    """The least cosine similarity between ``eng``'s outputs and ``reference``'s (default TensorFlow
+    float32's backbone) on uint8 ``images`` (default 8 synthetic flowers): how far this engine (and
+    its precision) moves the features, or cutcache's activations at the cut."""
     cfg = ctx.cfg
     if reference is None:
         fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
