@@ -29,10 +29,15 @@ _ALL = [
     # Its pass to the cut on OpenVINO in bfloat16 (a skipped row where the CPU has no native bf16).
     RunConfig(name="cutcache-ov-bf16-ft", pipeline="cutcache", engine="openvino", precision="mixed",
               fine_tune_epochs=5, fine_tune_from="100"),
+    # ... with augmentation: 4 augmented views of each training image made in the pass, one drawn per epoch.
+    RunConfig(name="cutcache-aug-ft", pipeline="cutcache", augment=True, augment_views=4, fine_tune_epochs=5,
+              fine_tune_from="100"),
     # Only the top two blocks (15, 16) and Conv_1 unfrozen, whole model vs cut cache.
     RunConfig(name="tfdata-b15-ft", pipeline="tfdata", fine_tune_epochs=5, fine_tune_from="block_15"),
     RunConfig(name="cutcache-b15-ft", pipeline="cutcache", fine_tune_epochs=5, fine_tune_from="block_15"),
     RunConfig(name="featcache", pipeline="featcache"),
+    # The frozen head on augmented features: 4 views per training image from the pass.
+    RunConfig(name="featcache-aug", pipeline="featcache", augment=True, augment_views=4),
     RunConfig(name="featcache-mixed", pipeline="featcache", precision="mixed"),
     RunConfig(name="featcache-xla", pipeline="featcache", xla_backbone=True, xla_step=True),
     # TensorFlow with its oneDNN kernels forced on (its default only on CPUs with AVX512-VNNI/BF16 or AMX).

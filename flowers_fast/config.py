@@ -107,7 +107,12 @@ class RunConfig:
                                       group="model")
     augment: bool = knob(False, "random horizontal flip, rotation and zoom (Keras preprocessing layers, seeded) "
                          "inside the model, in front of the backbone, while training: every whole-model pipeline "
-                         "augments the same way", where=(TRAIN,), group="model")
+                         "augments the same way (featcache and cutcache: with --augment-views)", where=(TRAIN,),
+                         group="model")
+    augment_views: int = knob(0, "featcache and cutcache with --augment: K augmented views of each training image, "
+                              "made once in the pass (K times its cost); every epoch trains on one view of each, "
+                              "drawn afresh (seeded). 0 = none", minimum=0, maximum=64, where=(TRAIN,), group="model",
+                              metavar="K")
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions; int8 = "
                           "OpenVINO after NNCF's post-training quantization (--engine openvino), calibrated on "
                           "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
@@ -237,10 +242,24 @@ class RunConfig:
             raise UserError("--pipeline cutcache caches the frozen bottom to train the top in a second phase; add "
                             "--fine-tune-epochs N (and --fine-tune-from), drop --fine-tune, or use --pipeline "
                             "featcache for a frozen backbone")
-        if self.augment and not whole_model:
+        cached = self.pipeline in ("featcache", "cutcache")  # the pass runs once: views are made in it
+        if self.augment_views and not cached:
+            raise UserError(f"--augment-views makes augmented views once, in featcache's or cutcache's pass; "
+                            f"--pipeline {self.pipeline} augments every epoch with --augment alone: drop "
+                            "--augment-views, or use --pipeline featcache or cutcache")
+        if self.augment_views and self.reuse_features:
+            raise UserError("--reuse-features stores each image's un-augmented features, not --augment-views' "
+                            "views; drop one of them")
+        if self.augment_views and not self.augment:
+            raise UserError(f"--augment-views {self.augment_views} says how many augmented views the pass makes; "
+                            "add --augment (what augments them), or drop --augment-views")
+        if self.augment and cached and not self.augment_views:
             raise UserError(f"--augment changes the images every epoch, which --pipeline {self.pipeline} does not "
-                            "feed through the model (it computes the backbone's output once); use --pipeline tfdata "
-                            "(or naive, tutorial)")
+                            "feed through the model (its pass runs once); add --augment-views K (K augmented views "
+                            "made in the pass, one drawn per epoch), or use --pipeline tfdata")
+        if self.augment and not whole_model and not cached:
+            raise UserError(f"--augment changes the images every epoch, which --pipeline {self.pipeline} does not "
+                            "feed through the model; use --pipeline tfdata (or naive, tutorial)")
 
     @classmethod
     def from_flags(cls, **given) -> "RunConfig":
@@ -251,6 +270,15 @@ class RunConfig:
     def feature_batch(self) -> int:
         """featcache's inference batch: ``feature_batch_size``, or the device's default for 0."""
         return self.feature_batch_size or (128 if self.device == "gpu" else 16)
+
+    @property
+    def augment_how(self) -> str:
+        """What --augment did, in a row's words."""
+        if not self.augment:
+            return "none"
+        if self.augment_views:
+            return f"{self.augment_views} views of each training image made in the pass, one drawn per epoch"
+        return "every epoch, in the model"
 
     @property
     def mixed_dtype(self) -> str:

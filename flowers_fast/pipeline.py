@@ -243,19 +243,41 @@ def eval_dataset(decoded: "tf.data.Dataset", cfg: RunConfig, batch_size: int) ->
     return decoded.batch(batch_size).prefetch(AUTOTUNE).with_options(options(cfg, training=False))
 
 
-def feature_stream(files, labels, cfg: RunConfig, batch_size: int) -> "tf.data.Dataset":
+def feature_stream(files, labels, cfg: RunConfig, batch_size: int, augment=None) -> "tf.data.Dataset":
     """featcache's one-time pass: (uint8 images, labels, paths) batches decoded on the fly, in file
     order. No cache: each image is read once, so a cache would only cost memory; parallel decode
-    and prefetch overlap decoding with the backbone, and memory holds a few batches, not the set."""
+    and prefetch overlap decoding with the backbone, and memory holds a few batches, not the set.
+
+    ``augment`` (a Keras augmentation on [0, 1] images): each image becomes ``cfg.augment_views``
+    augmented views in a row, decoded once (--augment-views)."""
     ds = decode_dataset(files, labels, cfg, with_path=True)
+    if augment is not None:
+        ds = _views(ds, augment, cfg.augment_views)
     # Two batches ahead keep the backbone fed (decoding is several times faster on a CPU) and put a
     # fixed bound on what waits in memory.
     return ds.batch(batch_size).prefetch(2).with_options(options(cfg, training=False))
 
 
-def feature_datasets(f_train, y_train, f_test, y_test, cfg: RunConfig, batch_size: int):
-    """featcache's head training data: in-memory features, shuffled each epoch, batched."""
+def _views(ds, augment, views: int) -> "tf.data.Dataset":
+    """Each (image, label, path) -> ``views`` augmented copies of it (uint8, as the engines take
+    images). Sequential: the augmentation's random state then runs in one order, so a seed repeats."""
+    def k_views(image, label, path):
+        x = tf.repeat(tf.cast(image, tf.float32)[None] / 255.0, views, axis=0)
+        out = tf.cast(tf.round(tf.clip_by_value(augment(x, training=True) * 255.0, 0.0, 255.0)), tf.uint8)
+        return out, tf.fill([views], label), tf.fill([views], path)
+
+    return ds.map(k_views).unbatch()
+
+
+def feature_datasets(f_train, y_train, f_test, y_test, cfg: RunConfig, batch_size: int, views: int = 0):
+    """featcache's head training data: in-memory features, shuffled each epoch, batched.
+    ``views``: ``f_train`` holds that many views of each image (axis 1), and each epoch trains on
+    one of each image's, drawn afresh (seeded)."""
     train = tf.data.Dataset.from_tensor_slices((f_train, y_train)).shuffle(len(f_train), seed=cfg.seed)
+    if views:
+        draws = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True)
+        train = tf.data.Dataset.zip(train, draws).map(
+            lambda pair, r: (tf.gather(pair[0], tf.cast(r % views, tf.int32)), pair[1]))
     test = tf.data.Dataset.from_tensor_slices((f_test, y_test))
     return train.batch(batch_size).prefetch(AUTOTUNE), test.batch(batch_size)
 

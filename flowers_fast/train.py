@@ -121,6 +121,7 @@ def _run(ctx: RunContext, runner: Runner, t_start: float, keep_model: bool) -> R
         ctx.row["dataset"] = "in-memory"
     ctx.row["classes"] = ctx.num_classes
     ctx.row["onednn_enabled"] = runtime.onednn_enabled()  # what ran, whatever --onednn asked
+    ctx.row["augment_how"] = cfg.augment_how
 
     t0 = time.perf_counter()
     with strategy.scope():

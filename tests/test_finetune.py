@@ -98,8 +98,18 @@ def test_fine_tune_knobs_are_checked_up_front():
                                             r"\(a cache at the cut\) or tfdata"):
             RunConfig(pipeline=pipeline, fine_tune_epochs=1)
     for pipeline in ("featcache", "cutcache"):
-        with pytest.raises(UserError, match="--augment .*computes the backbone's output once.*use --pipeline tfdata"):
-            RunConfig(pipeline=pipeline, augment=True, fine_tune_epochs=int(pipeline == "cutcache"))
+        ft = int(pipeline == "cutcache")
+        with pytest.raises(UserError, match="--augment .*its pass runs once.*add --augment-views K"):
+            RunConfig(pipeline=pipeline, augment=True, fine_tune_epochs=ft)
+        assert RunConfig(pipeline=pipeline, augment=True, augment_views=2, fine_tune_epochs=ft).augment_how == \
+            "2 views of each training image made in the pass, one drawn per epoch"
+        with pytest.raises(UserError, match="--augment-views 2 says how many .*add --augment"):
+            RunConfig(pipeline=pipeline, augment_views=2, fine_tune_epochs=ft)
+    with pytest.raises(UserError, match="--augment-views makes augmented views once.*--pipeline tfdata augments"):
+        RunConfig(pipeline="tfdata", augment=True, augment_views=2)
+    with pytest.raises(UserError, match="--reuse-features stores each image's un-augmented features"):
+        RunConfig(pipeline="featcache", augment=True, augment_views=2, reuse_features=True)
+    assert RunConfig(augment=True).augment_how == "every epoch, in the model" and RunConfig().augment_how == "none"
     with pytest.raises(UserError, match="--pipeline cutcache caches the frozen bottom.*add --fine-tune-epochs"):
         RunConfig(pipeline="cutcache")
 
@@ -202,3 +212,49 @@ def test_activations_that_would_not_fit_stop_before_the_pass(ft_cfg, cache, monk
     with pytest.raises(UnsupportedError, match=r"cutcache: the activations at block_15_expand \(3x3x160 float16\) "
                                                r"for 40 images need 0.1 MB, over half the 0.1 MB available"):
         train.run(ft_cfg.replace(pipeline="cutcache"), cache, progress=False, predictions=False)
+
+
+# --- --augment-views: augmented views made once in the pass, one drawn per epoch --------------
+
+def test_views_are_augmented_seeded_and_one_is_drawn_afresh_each_epoch(ft_cfg):
+    from flowers_fast import pipeline
+
+    cfg = ft_cfg.replace(pipeline="featcache", augment=True, augment_views=3, fine_tune_epochs=0,
+                         fine_tune_from=None, image_size=32)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    one = tf.data.Dataset.from_tensors((tf.constant(image), 0, b"x.jpg"))
+
+    def views(seed):
+        keras.utils.set_random_seed(seed)
+        return next(iter(pipeline._views(one, models.augmentation(seed), 3).batch(3)))
+
+    first, again, other = views(0), views(0), views(1)
+    assert first[0].dtype == tf.uint8 and first[0].shape == (3, 32, 32, 3)
+    assert list(first[1].numpy()) == [0, 0, 0] and list(first[2].numpy()) == [b"x.jpg"] * 3
+    assert np.array_equal(first[0], again[0]) and not np.array_equal(first[0], other[0])  # seeded
+    assert len({v.tobytes() for v in first[0].numpy()} | {image.tobytes()}) == 4  # each view differs
+
+    # 50 images x 3 views, each view's "features" its own number: an epoch draws one of each image's.
+    stored = np.arange(150, dtype=np.float32).reshape(50, 3, 1)
+    train_ds, _ = pipeline.feature_datasets(stored, np.arange(50), stored[:, 0], np.arange(50), cfg, 50, views=3)
+    epochs = [dict(zip(*(t.numpy().ravel() for t in reversed(next(iter(train_ds)))))) for _ in range(2)]
+    for drawn in epochs:
+        assert sorted(drawn) == list(range(50))
+        assert all(int(v) // 3 == i for i, v in drawn.items())  # image i's own view
+    assert epochs[0] != epochs[1]  # drawn afresh each epoch
+    assert len({int(v) % 3 for v in epochs[0].values()}) == 3  # every view gets drawn
+
+
+@pytest.mark.parametrize("pipeline", ["featcache", "cutcache"])
+def test_a_pass_with_views_covers_each_image_k_times_and_says_so(ft_cfg, cache, pipeline):
+    ft = pipeline == "cutcache"
+    cfg = ft_cfg.replace(pipeline=pipeline, augment=True, augment_views=2, num_images=20,
+                         fine_tune_epochs=int(ft), fine_tune_from=CUT if ft else None)
+    row = train.run(cfg, cache, progress=False, predictions=False).row
+    assert row["feature_pass_images"] == 2 * row["train_images"]
+    assert row["augment_how"] == "2 views of each training image made in the pass, one drawn per epoch"
+    assert np.isfinite(row["test_loss"])
+    if ft:  # the memory the views take is in the row
+        plain = train.run(cfg.replace(augment=False, augment_views=0), cache, progress=False, predictions=False).row
+        per_image = plain["cut_cache_mb"] / (plain["train_images"] + plain["test_images"])
+        assert row["cut_cache_mb"] == pytest.approx(per_image * (2 * row["train_images"] + row["test_images"]))

@@ -21,7 +21,8 @@ from .featcache import feature_cosine, stream_features
 def run(ctx: train.RunContext) -> train.RunResult:
     cfg, row, split = ctx.cfg, ctx.row, ctx.split
     cut = models.cut_parts(ctx.backbone, cfg.image_size)
-    _check_memory(cut, len(split.train_files) + len(split.test_files))
+    k = max(cfg.augment_views, 1)
+    _check_memory(cut, len(split.train_files) * k + len(split.test_files))
     eng = engine.make(cfg.engine, cut.bottom, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
     eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))  # trace before timing
@@ -30,7 +31,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
         start = time.perf_counter()
         row.update(cut_cosine_vs_fp32=feature_cosine(ctx, eng, engine.make("tf", cut.bottom)),
                    cut_check_s=time.perf_counter() - start)
-    train_a = stream_features(ctx, eng, split.train_files, split.train_labels, "train")
+    views = cfg.augment_views > 0
+    train_a = stream_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
     test_a = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
     skipped = sorted(set(split.train_files) - set(train_a.files)) + sorted(set(split.test_files) - set(test_a.files))
     train._record_prep(ctx, 0.0, len(train_a.files), len(test_a.files), skipped, "RGB")  # decoded in the pass
@@ -40,11 +42,13 @@ def run(ctx: train.RunContext) -> train.RunResult:
                cut_cache_dtype=str(train_a.features.dtype), feature_batch=cfg.feature_batch,
                cut_cache_mb=(train_a.features.nbytes + test_a.features.nbytes) / 2**20,
                cut_pass_warmup_s=warm, cut_pass_s=train_a.seconds, test_cut_pass_s=test_a.seconds,
-               cut_pass_img_s=len(train_a.files) / train_a.seconds)
+               cut_pass_img_s=len(train_a.files) * k / train_a.seconds, feature_pass_images=len(train_a.files) * k)
     # The head phase: the top is frozen, so its features are computed once (as featcache's) and
     # only the head trains; the fine-tune phase then trains the top and that head on the activations.
     start = time.perf_counter()
-    train_f = _features(cut, train_a.features, cfg.feature_batch)
+    train_f = _features(cut, train_a.features.reshape(-1, *cut.shape), cfg.feature_batch)
+    if views:
+        train_f = train_f.reshape(len(train_a.files), k, -1)
     row["cut_top_pass_s"] = top_pass = time.perf_counter() - start
     start = time.perf_counter()
     test_f = _features(cut, test_a.features, cfg.feature_batch)
@@ -53,13 +57,13 @@ def run(ctx: train.RunContext) -> train.RunResult:
     head_model = train._compiled(ctx, lambda: models.head_model(ctx.num_classes, ctx.backbone.feature_dim, cfg,
                                                                 head=head))
     head_ds, head_test_ds = pipeline.feature_datasets(train_f, train_a.labels, test_f, test_a.labels, cfg,
-                                                      ctx.global_batch)
+                                                      ctx.global_batch, cfg.augment_views)
     final = {}
 
     def on_activations():
         final["model"] = train._compiled(ctx, lambda: models.top_classifier(cut, cfg, head))
         return (final["model"], *pipeline.feature_datasets(train_a.features, train_a.labels, test_a.features,
-                                                           test_a.labels, cfg, ctx.global_batch))
+                                                           test_a.labels, cfg, ctx.global_batch, cfg.augment_views))
 
     n_train, n_test = len(train_a.files), len(test_a.files)
     y_true, y_pred = train._fit_evaluate(ctx, head_model, head_ds, head_test_ds, n_train, n_test, 0.0, "cutcache",

@@ -73,22 +73,28 @@ def _int8_engine(ctx: train.RunContext, fn) -> engine.Engine:
     return eng
 
 
-def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str) -> Features:
+def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str,
+                    views: bool = False) -> Features:
     """Decode ``files`` and run them through ``eng`` in one overlapped stream (see
-    pipeline.feature_stream): nothing but the features is kept."""
+    pipeline.feature_stream): nothing but the features is kept. ``views``: --augment-views
+    augmented views of each file, in a row; the features are then (files, views, ...)."""
     cfg = ctx.cfg
-    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch)
-    steps = -(-len(files) // cfg.feature_batch)
+    k = cfg.augment_views if views else 1
+    augment = models.augmentation(cfg.seed) if views else None
+    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch, augment)
+    steps = -(-len(files) * k // cfg.feature_batch)
     batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
                tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
     start = time.perf_counter()
     out = eng.run(batches)
     seconds = time.perf_counter() - start
-    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)
+    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)[::k]
     pipeline.undecodable(files, kept, cfg.strict, part)
     dim = ctx.backbone.feature_dim
     feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, dim), np.float32)
-    y = np.concatenate([y for _, (y, _) in out]) if out else np.zeros(0, np.int32)
+    y = np.concatenate([y for _, (y, _) in out])[::k] if out else np.zeros(0, np.int32)
+    if views:
+        feats = feats.reshape(len(kept), k, *feats.shape[1:])
     return Features(feats, y, kept, seconds)
 
 
@@ -107,6 +113,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
     With ``reuse_features``, features stored by an earlier run with the same key are loaded instead."""
     cfg, row, split = ctx.cfg, ctx.row, ctx.split
     digest, parts, stored = "", {}, None
+    views, dim = cfg.augment_views > 0, ctx.backbone.feature_dim
     if cfg.reuse_features:
         digest, parts = featurestore.key(cfg, ctx.backbone.handle, ctx.backbone.compute_dtype,
                                          split.train_files + split.test_files)
@@ -125,9 +132,9 @@ def run(ctx: train.RunContext) -> train.RunResult:
             row["feature_cosine_vs_fp32"] = stored[2]
     else:
         eng, warm = _feature_engine(ctx)
-        train_f = stream_features(ctx, eng, split.train_files, split.train_labels, "train")
+        train_f = stream_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
         test_f = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
-        precision, pass_rate = eng.precision, len(train_f.files) / train_f.seconds
+        precision, pass_rate = eng.precision, len(train_f.features.reshape(-1, dim)) / train_f.seconds
         row.update(engine_setup_s=eng.setup_s)
     skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
     # Decoding happens inside the feature pass: there is no separate preparation step.
@@ -138,7 +145,9 @@ def run(ctx: train.RunContext) -> train.RunResult:
                feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
                features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
     train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
-                                                  cfg, ctx.global_batch)
+                                                  cfg, ctx.global_batch, cfg.augment_views)
+    # A pass over views covers each image K times: the row says how many images went through it.
+    row["feature_pass_images"] = len(train_f.features.reshape(-1, dim))
 
     def build():
         keras.utils.set_random_seed(cfg.seed)
