@@ -54,7 +54,9 @@ def hardware_row(cfg, backbone_layer, row: dict, measured=None) -> dict:
     out = {"backbone_gflops_per_image": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "matmul_dtype": dtype,
            "matmul_peak_measured": when, "matmul_peak_source": source,
            **{f"matmul_peak_{k}_gflops": v[0] / 1e9 for k, v in peaks.items()}}
-    rate = row.get("model_only_img_s")
+    # After a two-phase run the model-only rate is the partly trainable model's: its step costs one
+    # forward plus the top's backward, a count not made here, so no utilisation is claimed for it.
+    rate = row.get("model_only_img_s") if not cfg.fine_tune_epochs else None
     if rate:
         out["model_flops_utilization"] = per_image * rate / peak
     if row.get("feature_pass_img_s") and row["feature_pass_img_s"] == row["feature_pass_img_s"]:  # not NaN
