@@ -188,10 +188,12 @@ class Tuner:
                                          pruner=self.pruner)
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # interrupted: runs again if needed
+        self.started = time.monotonic()
         self.csv = folder / "trials.csv"
         self.results = bench_run.ResultsFile(self.csv, None, rows=[t.user_attrs["row"] for t in self.finished()])
         if self.results.rows:
             self.results.flush()
+        self.spent_before = sum(float(r.get("subprocess_s") or 0) for r in self.results.rows)
         self.facts = machine.host_facts()
         self.common = bench_run.provenance(run_id, args.preset, self.facts)
         self.cache = cache_dir()
@@ -206,7 +208,8 @@ class Tuner:
         return [r for r in self.results.rows if phase is None or r.get("phase") == phase]
 
     def spent(self) -> float:
-        return sum(float(r.get("subprocess_s") or 0) for r in self.results.rows)
+        """Wall seconds of the budget used: this session's so far, and earlier sessions' trials (--resume)."""
+        return self.spent_before + time.monotonic() - self.started
 
     def ok_frame(self) -> pd.DataFrame:
         ok = [r for r in self.results.rows if r.get("status") == "ok"]
@@ -531,20 +534,24 @@ def _settings(args) -> dict:
 
 
 def execute(args) -> int:
-    budget_s = parse_budget(args.budget)  # before anything else: a bad --budget is a usage error
+    # Before anything else: a bad --budget is a usage error. A resumed run keeps its budget unless given.
+    budget_s = parse_budget(args.budget) if args.budget is not None else None
     out = Path(args.out)
     if args.resume:
         folder = _resume_folder(out, args.resume)
         saved = json.loads((folder / "tune.json").read_text(encoding="utf-8"))
         for k, v in vars(args).copy().items():
-            if k in ("func", "command", "resume", "budget", "out") or (k in DEFAULTS and v == DEFAULTS[k]):
+            if k in ("func", "command", "resume", "budget", "out") or (k in DEFAULTS and v == DEFAULTS[k]) or v is None:
                 continue
             if saved.get(k, DEFAULTS.get(k)) != v:
                 raise UserError(f"--resume: --{k.replace('_', '-')} {v} differs from the run being resumed "
                                 f"({folder / 'tune.json'}: {saved.get(k, 'not set')}); drop it (only --budget may "
                                 "change)")
-        vars(args).update({k: v for k, v in saved.items() if k != "budget"})
+        vars(args).update({k: v for k, v in saved.items() if k != "budget" or args.budget is None})
         run_id = folder.name[len("tune-"):]
+    if budget_s is None:
+        args.budget = args.budget or DEFAULTS["budget"]
+        budget_s = parse_budget(args.budget)
     preset = configs_mod.PRESETS[args.preset]
     given = given_knobs(args, SWEEP)
     overrides = {**preset.overrides, **TRIAL_SETTINGS, **implied(given)}
@@ -599,8 +606,8 @@ def _resume_folder(out: Path, resume: str) -> Path:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search for the fastest configuration within a wall-time budget")
     g = p.add_argument_group("the search")
-    g.add_argument("--budget", default=DEFAULTS["budget"], metavar="TIME",
-                   help="wall time for the whole search, e.g. 90s, 10m, 1h (default: 10m)")
+    g.add_argument("--budget", metavar="TIME", help="wall time for the whole search, trials and finalists, e.g. "
+                   "90s, 10m, 1h (default: 10m; --resume: the run's own, or this new total)")
     g.add_argument("--device", choices=("cpu", "gpu"), default=DEFAULTS["device"], help="(default: cpu)")
     g.add_argument("--preset", choices=tuple(configs_mod.PRESETS), default=DEFAULTS["preset"],
                    help="the job (data, epochs) and the named configurations run first (default: quick)")

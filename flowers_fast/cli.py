@@ -59,9 +59,14 @@ def _print_table(row: dict) -> None:
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 
-def cmd_train(args) -> int:
+def train_config(args) -> RunConfig:
+    """The configuration ``train`` runs: ``--config FILE`` (if given) with the flags given on top."""
     given = given_knobs(args, TRAIN)
-    cfg = from_file(args.config, given) if args.config else RunConfig.from_flags(**given)
+    return from_file(args.config, given) if args.config else RunConfig.from_flags(**given)
+
+
+def cmd_train(args) -> int:
+    cfg = train_config(args)
     if cfg.pipeline == "modelonly" and (args.save or args.figures):
         raise UserError(f"--{'save' if args.save else 'figures'} needs a pipeline that trains on images; "
                         "--pipeline modelonly only times train steps on random tensors")
