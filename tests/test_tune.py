@@ -149,7 +149,7 @@ def test_tune_on_a_fake_worker_prunes_keeps_the_budget_and_writes_the_winner(fak
     rows = _rows(folder)
     # Every trial is a row with bench run's columns and its trial number and state.
     assert {"trial", "state", "phase", "total_s", "test_accuracy", "pipeline"} <= set(rows.columns)
-    assert rows["subprocess_s"].sum() <= 16  # nothing started that could not finish  # nothing started that could not finish
+    assert rows["subprocess_s"].sum() <= 16  # nothing started that could not finish
     assert set(rows[rows["phase"] == "reference"]["name"]) == {"default", "featcache"}  # tfdata is the default
     assert (rows["phase"] == "search").sum() >= 2
     finalists = rows[rows["phase"] == "finalist"]
