@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from flowers_fast.clikit import add_knob_flags, given_knobs, positive_int
+from flowers_fast.clikit import add_knob_flags, finite_float, given_knobs, positive_int
 from flowers_fast.config import SWEEP, RunConfig, implied, knobs
 from flowers_fast.download import cache_dir
 from flowers_fast.errors import INTERRUPTED_EXIT_CODE, DataError, UserError, invoked
@@ -91,11 +91,14 @@ def _valid(cfg: RunConfig, name: str, value) -> bool:
     return True
 
 
-def walk(start: RunConfig, choose) -> RunConfig:
+def walk(start: RunConfig, choose, fixed=()) -> RunConfig:
     """``start`` with each tunable knob set by ``choose(param_name, valid_values, field)`` (None:
-    keep the value), in declaration order, offering only the values valid with what came before."""
+    keep the value), in declaration order, offering only the values valid with what came before;
+    knobs in ``fixed`` (given as flags) keep their value."""
     cfg = start
     for f in space():
+        if f.name in fixed:
+            continue
         when = f.metadata.get("tune_when") or {}
         if any(getattr(cfg, k) not in allowed for k, allowed in when.items()):
             continue
@@ -110,12 +113,12 @@ def walk(start: RunConfig, choose) -> RunConfig:
     return cfg
 
 
-def sample(trial, base: RunConfig) -> RunConfig:
+def sample(trial, base: RunConfig, fixed=()) -> RunConfig:
     """A configuration Optuna's sampler picks for ``trial``."""
-    return walk(base, lambda name, valid, f: trial.suggest_categorical(name, valid))
+    return walk(base, lambda name, valid, f: trial.suggest_categorical(name, valid), fixed)
 
 
-def params_of(cfg: RunConfig, base: RunConfig) -> dict:
+def params_of(cfg: RunConfig, base: RunConfig, fixed=()) -> dict:
     """{parameter: (value, valid values)}: the choices the search would have made to reach ``cfg``
     from ``base``, so that a known configuration, enqueued, teaches the sampler what it measured;
     empty when ``cfg`` is outside the space (e.g. the naive pipeline, or another knob differs)."""
@@ -129,7 +132,7 @@ def params_of(cfg: RunConfig, base: RunConfig) -> dict:
         outside.append(f.name)
         return None
 
-    reached = walk(base.replace(name=cfg.name), keep)
+    reached = walk(base.replace(name=cfg.name), keep, fixed)
     return {} if outside or key(reached) != key(cfg) else params
 
 
@@ -181,6 +184,7 @@ class Tuner:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self.args, self.folder, self.run_id, self.base, self.references = args, folder, run_id, base, references
         self.preset, self.budget_s = preset, budget_s
+        self.fixed = set(given_knobs(args, SWEEP))  # a tunable knob given as a flag is not searched
         self.pruner = pruner_class()(args.prune_margin)
         sampler = optuna.samplers.TPESampler(seed=args.sampler_seed, multivariate=True, group=True, n_startup_trials=4)
         self.study = optuna.create_study(study_name=STUDY, storage=f"sqlite:///{folder / 'study.db'}",
@@ -326,7 +330,7 @@ class Tuner:
             if timeout is None:
                 print(f"bench tune: no budget left for {cfg.name}", file=sys.stderr)
                 return
-            fixed = params_of(cfg, self.base)
+            fixed = params_of(cfg, self.base, self.fixed)
             self.study.enqueue_trial({name: value for name, (value, _) in fixed.items()})
             trial = self.study.ask()
             for name, (_, valid) in fixed.items():  # the enqueued values come back: the sampler learns from them
@@ -344,7 +348,7 @@ class Tuner:
                 return
             trial = self.study.ask()
             number = trial.number
-            cfg = sample(trial, self.base).replace(name=f"t{number}")
+            cfg = sample(trial, self.base, self.fixed).replace(name=f"t{number}")
             if key(cfg) in seen:  # the sampler asked again for a configuration already measured
                 repeats_in_a_row += 1
                 import optuna
@@ -521,9 +525,15 @@ def _references(args, preset, overrides) -> list[tuple[list[str], RunConfig]]:
     """(names, configuration) to run first: the harness's default, then the preset's (or --configs')
     named ones; one that computes the same as an earlier one runs once, under both names."""
     out: dict[str, tuple[list[str], RunConfig]] = {}
-    for cfg in [RunConfig(name="default", **overrides)] + [c.replace(**overrides)
-                                                           for c in configs_mod.select(args.configs, preset)
-                                                           if c.pipeline != "modelonly"]:  # trains no model
+    cfgs = [RunConfig(name="default", **overrides)]
+    for c in configs_mod.select(args.configs, preset):
+        if c.pipeline == "modelonly":  # trains no model
+            continue
+        try:
+            cfgs.append(c.replace(**overrides))
+        except UserError as exc:  # e.g. featcache-ov with --device gpu: OpenVINO is CPU-only here
+            print(f"bench tune: skipping {c.name} on {args.device}: {exc}", file=sys.stderr)
+    for cfg in cfgs:
         entry = out.setdefault(key(cfg), ([], cfg))
         entry[0].append(cfg.name)
     return list(out.values())
@@ -552,6 +562,9 @@ def execute(args) -> int:
     if budget_s is None:
         args.budget = args.budget or DEFAULTS["budget"]
         budget_s = parse_budget(args.budget)
+    if args.prune_margin < 0 or args.max_acc_drop < 0:
+        flag = "--prune-margin" if args.prune_margin < 0 else "--max-acc-drop"
+        raise UserError(f"{flag} must be 0 or more, got {getattr(args, flag[2:].replace('-', '_'))}")
     preset = configs_mod.PRESETS[args.preset]
     given = given_knobs(args, SWEEP)
     overrides = {**preset.overrides, **TRIAL_SETTINGS, **implied(given)}
@@ -617,9 +630,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fastest configurations measured again at the end (default: 3; the best named one too)")
     g.add_argument("--finalist-repeats", type=positive_int, default=DEFAULTS["finalist_repeats"],
                    help="measurements of each finalist, the first included (default: 3)")
-    g.add_argument("--prune-margin", type=float, default=DEFAULTS["prune_margin"], metavar="FRACTION",
+    g.add_argument("--prune-margin", type=finite_float, default=DEFAULTS["prune_margin"], metavar="FRACTION",
                    help="stop a trial whose estimated total is over the best by this fraction (default: 0.25)")
-    g.add_argument("--max-acc-drop", type=float, default=DEFAULTS["max_acc_drop"], metavar="POINTS",
+    g.add_argument("--max-acc-drop", type=finite_float, default=DEFAULTS["max_acc_drop"], metavar="POINTS",
                    help="recommend's accuracy tolerance (default: 1.0; the test set's noise margin if larger)")
     g.add_argument("--timeout", type=positive_int, metavar="S", help="seconds per trial at most (default: the "
                                                                      "preset's)")

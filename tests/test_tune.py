@@ -70,6 +70,12 @@ def test_conditional_knobs_follow_the_configs_own_checks():
     cfg.replace()  # every sampled configuration passes RunConfig's checks
 
 
+def test_a_knob_given_as_a_flag_is_not_searched():
+    trial = Chooser(pipeline="featcache")
+    cfg = tune.sample(trial, BASE.replace(batch_size=64), fixed={"batch_size"})
+    assert "batch_size" not in trial.asked and cfg.batch_size == 64
+
+
 def test_known_configurations_are_enqueued_with_the_params_that_reach_them():
     featcache_ov = RunConfig(name="featcache-ov", pipeline="featcache", engine="openvino", **tune.TRIAL_SETTINGS)
     params = tune.params_of(featcache_ov, BASE)
