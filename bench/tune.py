@@ -198,6 +198,7 @@ class Tuner:
         if self.results.rows:
             self.results.flush()
         self.spent_before = sum(float(r.get("subprocess_s") or 0) for r in self.results.rows)
+        self.update_best()
         self.facts = machine.host_facts()
         self.common = bench_run.provenance(run_id, args.preset, self.facts)
         self.cache = cache_dir()
@@ -242,17 +243,16 @@ class Tuner:
             return statistics.median(walls[pipeline])
         return max(statistics.median(w) for w in walls.values())
 
-    def finalists(self) -> list[str]:
-        """Names of the configurations measured again: the fastest acceptable ones, and the best named one."""
-        chosen = self.study.user_attrs.get("finalists")
-        if chosen:
-            return chosen
-        names = list(dict.fromkeys(r["name"] for r in self.acceptable()))
-        chosen = names[:self.args.finalists]
+    def candidates(self) -> list[str]:
+        """Names of the configurations to measure again as things stand: the fastest acceptable ones, and
+        the best named one (so that the gain over it compares medians with medians)."""
+        chosen = list(dict.fromkeys(r["name"] for r in self.acceptable()))[:self.args.finalists]
         named = self.best_named()
-        if named and named not in chosen:
-            chosen.append(named)
-        return chosen
+        return chosen + [named] if named and named not in chosen else chosen
+
+    def finalists(self) -> list[str]:
+        """The candidates when the search ended (kept in the study, so that --resume measures the same)."""
+        return self.study.user_attrs.get("finalists") or self.candidates()
 
     def best_named(self) -> str | None:
         """The fastest acceptable named configuration (the harness's default not counted)."""
@@ -264,11 +264,7 @@ class Tuner:
     def reserve(self) -> float:
         """Seconds the finalists' remeasuring will take, as far as the search so far tells."""
         walls = {r["name"]: float(r["subprocess_s"]) for r in self.acceptable()[::-1]}
-        names = list(dict.fromkeys(r["name"] for r in self.acceptable()))[:self.args.finalists]
-        named = self.best_named()
-        if named and named not in names:
-            names.append(named)
-        return sum(walls[n] for n in names) * (self.args.finalist_repeats - 1)
+        return sum(walls[n] for n in self.candidates()) * (self.args.finalist_repeats - 1)
 
     # -- running one trial
     def run_trial(self, trial, cfg: RunConfig, phase: str, repeat: int = 0, names=(), timeout_s: float = 0.0) -> dict:
@@ -286,7 +282,7 @@ class Tuner:
             step = len(known["epoch_times_s"])
             trial.report(estimate, step)
             if phase == "search" and trial.should_prune():
-                return (f"pruned after epoch {step}: its total would be at least {estimate:.1f} s, over the best "
+                return (f"after epoch {step}: its total would be at least {estimate:.1f} s, over the best "
                         f"{self.pruner.best:.1f} s by more than --prune-margin {self.args.prune_margin:g}")
             return None
 
@@ -306,12 +302,15 @@ class Tuner:
         else:
             self.study.tell(trial, state=getattr(optuna.trial.TrialState, state))
         self.results.add(trial.user_attrs["row"])
-        best = self.acceptable()
-        self.pruner.best = float(best[0]["total_s"]) if best else None
+        self.update_best()
         print(f"bench tune: trial {trial.number} {cfg.name} ({phase}{f' #{repeat}' if repeat else ''}): {status}"
               f"{' total %.1f s' % float(row['total_s']) if status == 'ok' else ''}"
               f"{' ' + str(row.get('error')) if status != 'ok' and row.get('error') else ''}", file=sys.stderr)
         return row
+
+    def update_best(self) -> None:
+        best = self.acceptable()
+        self.pruner.best = float(best[0]["total_s"]) if best else None
 
     def fits(self, estimate: float | None, reserve: float = 0.0) -> float | None:
         """The timeout for a trial that fits in the rest of the budget, or None when it does not."""
