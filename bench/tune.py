@@ -282,7 +282,7 @@ class Tuner:
             step = len(known["epoch_times_s"])
             trial.report(estimate, step)
             if phase == "search" and trial.should_prune():
-                return (f"after epoch {step}: its total would be at least {estimate:.1f} s, over the best "
+                return (f"after epoch {step}: its estimated total {estimate:.1f} s is over the best "
                         f"{self.pruner.best:.1f} s by more than --prune-margin {self.args.prune_margin:g}")
             return None
 
@@ -400,6 +400,7 @@ def write_plot(rows: list[dict], finalists: list[str], medians: dict, path: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     first = sorted((r for r in rows if r.get("phase") != "finalist"), key=lambda r: int(r["trial"]))
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -429,6 +430,7 @@ def write_plot(rows: list[dict], finalists: list[str], medians: dict, path: Path
     totals = [float(r["total_s"]) for r in ok]
     if totals and max(totals) > 10 * min(totals):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("time to a trained model, total_s (s)")
     ax.set_title("bench tune: best so far")

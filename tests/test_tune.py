@@ -246,3 +246,35 @@ def test_tune_declarations_are_valid_values():
             assert check_value(f, value) is None, (f.name, value)
         for other in (f.metadata.get("tune_when") or {}):
             assert other in RunConfig.field_names()
+
+
+def test_ctrl_c_then_resume_loses_no_finished_trial(fake_worker, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys; from bench import cli, tune; tune.WORKER = 'fake_tune_worker'; "
+            f"sys.exit(cli.main(['tune', '--preset', 'smoke', '--epochs', '4', '--budget', '60s', '--out', "
+            f"{str(tmp_path)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    csv = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(tmp_path.glob("tune-*/trials.csv"))
+        if found and len(found[0].read_text().splitlines()) >= 4:  # header and 3 trials
+            csv = found[0]
+            break
+        time.sleep(0.2)
+    assert csv is not None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "--resume" in err, err
+    before = _rows(csv.parent)
+    assert len(before) >= 3
+    code, _, err, folder = _tune(tmp_path, capsys, "--resume", str(csv.parent), "--budget", "1s")
+    assert code == 0, err
+    after = _rows(folder)
+    assert folder == csv.parent and list(after["trial"][:len(before)]) == list(before["trial"])
+    assert list(after["name"][:len(before)]) == list(before["name"])
