@@ -352,12 +352,19 @@ def sweep_jobs(args, preset: configs_mod.Preset, cfgs: list[RunConfig], devices:
     return jobs, list(not_here.values())
 
 
-def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
-    preset = configs_mod.PRESETS[args.preset]
+def job_overrides(args, preset: configs_mod.Preset) -> dict:
+    """The knobs a sweep sets for every configuration: the preset's, then the flags given."""
     given = given_knobs(args, SWEEP)
     overrides = {**preset.overrides, **implied(given)}
     if overrides.get("model_handle", "random") != "random" and args.preset == "smoke" and "image_size" not in given:
         overrides["image_size"] = 224  # a real Hub model has a fixed 224 input
+    return overrides
+
+
+def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
+    preset = configs_mod.PRESETS[args.preset]
+    given = given_knobs(args, SWEEP)
+    overrides = job_overrides(args, preset)
     chosen = [] if getattr(args, "config", None) and args.configs is None else configs_mod.select(args.configs, preset)
     cfgs = [c.replace(**overrides) for c in chosen]
     if getattr(args, "config", None):

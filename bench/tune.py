@@ -46,7 +46,7 @@ from pathlib import Path
 import pandas as pd
 
 from flowers_fast.clikit import add_knob_flags, finite_float, given_knobs, positive_int
-from flowers_fast.config import SWEEP, RunConfig, implied, knobs
+from flowers_fast.config import SWEEP, RunConfig, knobs
 from flowers_fast.download import cache_dir
 from flowers_fast.errors import INTERRUPTED_EXIT_CODE, DataError, UserError, invoked
 from flowers_fast.outputs import Outputs
@@ -567,10 +567,7 @@ def execute(args) -> int:
         flag = "--prune-margin" if args.prune_margin < 0 else "--max-acc-drop"
         raise UserError(f"{flag} must be 0 or more, got {getattr(args, flag[2:].replace('-', '_'))}")
     preset = configs_mod.PRESETS[args.preset]
-    given = given_knobs(args, SWEEP)
-    overrides = {**preset.overrides, **TRIAL_SETTINGS, **implied(given)}
-    if overrides.get("model_handle", "random") != "random" and args.preset == "smoke" and "image_size" not in given:
-        overrides["image_size"] = 224  # a real Hub model has a fixed 224 input (as bench run does)
+    overrides = {**TRIAL_SETTINGS, **bench_run.job_overrides(args, preset)}  # flags given override TRIAL_SETTINGS
     base = RunConfig(name="base", device=args.device, **overrides)
     references = _references(args, preset, {**overrides, "device": args.device})
     bench_run.plan(argparse.Namespace(device=args.device))  # --device gpu: a GPU must be there
