@@ -337,6 +337,10 @@ class Tuner:
             self.run_trial(trial, cfg, "reference", names=names, timeout_s=timeout)
 
     def search(self) -> None:
+        import optuna
+
+        if self.study.user_attrs.get("finalists"):
+            return  # the search ended before an interruption (a new --budget on --resume opens it again)
         seen = {key(RunConfig(**r_cfg)) for r_cfg in (t.user_attrs.get("config") for t in self.finished()) if r_cfg}
         repeats_in_a_row = 0
         pipelines = [v for f in space() if f.name == "pipeline" for v in f.metadata["tune"]] or [None]
@@ -350,8 +354,6 @@ class Tuner:
             cfg = sample(trial, self.base, self.fixed).replace(name=f"t{number}")
             if key(cfg) in seen:  # the sampler asked again for a configuration already measured
                 repeats_in_a_row += 1
-                import optuna
-
                 self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 continue
             repeats_in_a_row = 0
@@ -547,6 +549,7 @@ def _settings(args) -> dict:
 def execute(args) -> int:
     # Before anything else: a bad --budget is a usage error. A resumed run keeps its budget unless given.
     budget_s = parse_budget(args.budget) if args.budget is not None else None
+    resumed_budget = bool(args.resume and args.budget is not None)
     out = Path(args.out)
     if args.resume:
         folder = _resume_folder(out, args.resume)
@@ -585,6 +588,8 @@ def execute(args) -> int:
             bench_run.atomic_text(folder / "tune.json", json.dumps(_settings(args), indent=1))
     with bench_run.run_lock(folder / "tune.json"):
         tuner = Tuner(args, folder, run_id, base, references, preset, budget_s)
+        if resumed_budget:
+            tuner.study.set_user_attr("finalists", [])  # more budget: the search goes on, finalists are chosen again
         print(f"bench tune {run_id}: budget {budget_s:.0f} s ({tuner.spent():.0f} s already spent), "
               f"{len(space())} knobs in the search ({', '.join(f.name for f in space())}); results -> {folder}",
               file=sys.stderr)
