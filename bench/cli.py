@@ -1,5 +1,5 @@
 """``python -m bench`` (installed as ``flowers-bench``): run, list, report, compare, recommend,
-dataservice, loopback: one module per command, each adding its own parser (``run``'s sweep-wide
+tune, dataservice, loopback: one module per command, each adding its own parser (``run``'s sweep-wide
 flags are generated from RunConfig's knob declarations)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 from flowers_fast.clikit import OneLineParser, run_main
 from flowers_fast.errors import invoked
 
-from . import compare, configs, dataservice, loopback, recommend, report, run
+from . import compare, configs, dataservice, loopback, recommend, report, run, tune
 
 
 def cmd_list(args) -> int:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     p = sub.add_parser("list", help="list configurations and presets")
     p.set_defaults(func=cmd_list)
-    for module in (report, compare, recommend, dataservice, loopback):
+    for module in (report, compare, recommend, tune, dataservice, loopback):
         module.add_parser(sub)
     return parser
 

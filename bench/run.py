@@ -34,7 +34,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from flowers_fast.clikit import add_knob_flags, given_knobs, positive_int
-from flowers_fast.config import SWEEP, RunConfig, implied
+from flowers_fast.config import SWEEP, RunConfig, from_file, implied
 from flowers_fast.download import cache_dir
 from flowers_fast.errors import (
     INTERRUPTED_EXIT_CODE,
@@ -52,7 +52,7 @@ from . import machine, tracking
 from .results import LEADING, compatible, data_images, data_key, differences, load
 
 # The defaults of bench run's own flags (bench/cli.py); --resume tells given flags from these.
-DEFAULTS = dict(device="cpu", preset="quick", configs=None, repeats=None, timeout=None, figures=False,
+DEFAULTS = dict(device="cpu", preset="quick", configs=None, config=None, repeats=None, timeout=None, figures=False,
                 remeasure=False, out="results")
 
 
@@ -86,11 +86,12 @@ RESUME_COLUMNS = ("name", "device", "repeat", "status")
 class ResultsFile:
     """A CSV rewritten whole to a temporary file and renamed after each row: never half a row."""
 
-    def __init__(self, path: Path, latest: Path | None):
+    def __init__(self, path: Path, latest: Path | None, rows: list[dict] | None = None):
+        """``rows``: the rows to start from (bench tune keeps them in its study), instead of the file's."""
         self.path, self.latest = path, latest
-        self.rows: list[dict] = []
+        self.rows: list[dict] = list(rows or [])
         self.stale = False  # the file holds rows that are no longer wanted (see drop, read_rows)
-        if path.exists():
+        if rows is None and path.exists():
             self.rows, self.stale = read_rows(path)
 
     def add(self, row: dict) -> None:
@@ -230,23 +231,28 @@ def _die_with_parent() -> None:
 
 def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interactive: bool = False,
             worker: str = "bench.worker", figures: Path | None = None, cache: Path | None = None,
-            machine_id: str | None = None) -> dict:
+            machine_id: str | None = None, watch=None) -> dict:
     """One configuration in a subprocess; every way it can end becomes a row.
 
     The worker gets one job document (``bench.worker`` reads it): the configuration, where to
     write its result, whether to draw progress bars, the cache folder, the figures folder, and
     the machine fingerprint its cached per-machine measurements are filed under. Its TMPDIR is
     a folder inside this call's own, so what it leaves there (the tutorial's links, the --cache
-    file cache, whose clean-up a kill at --timeout skips) goes when the call ends, however."""
+    file cache, whose clean-up a kill at --timeout skips) goes when the call ends, however.
+
+    ``watch`` (bench tune): called with the worker's progress after each of its epochs (see
+    ``train.RunContext.on_epoch``); a reason it returns stops the worker: a ``pruned`` row."""
     with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as tmp:
         out = Path(tmp) / "result.json"
         job = Path(tmp) / "job.json"
+        epochs_file = Path(tmp) / "epochs.json"
         scratch = Path(tmp) / "tmp"
         scratch.mkdir()
         env = {**env, "TMPDIR": str(scratch)}
         job.write_text(json.dumps({"config": cfg.to_dict(), "result": str(out), "progress": interactive,
                                    "cache": str(cache) if cache else None,
-                                   "figures": str(figures) if figures else None, "machine_id": machine_id}))
+                                   "figures": str(figures) if figures else None, "machine_id": machine_id,
+                                   "epochs_file": str(epochs_file) if watch else None}))
         cmd = [sys.executable, "-m", worker, str(job)]
         start = time.perf_counter()
         with open(log_path, "w") as log:
@@ -255,12 +261,16 @@ def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interac
             proc = subprocess.Popen(cmd, stdout=log, stderr=None if interactive else log, env=env,
                                     start_new_session=True, preexec_fn=_die_with_parent)
             try:
-                code = proc.wait(timeout=timeout_s)
+                code = _wait(proc, timeout_s, watch, epochs_file)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return {"status": "timeout", "error": f"no result within --timeout {timeout_s:.0f} s; killed",
                         "subprocess_s": time.perf_counter() - start}
+            except Pruned as stop:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return {"status": "pruned", "error": str(stop), "subprocess_s": time.perf_counter() - start}
             except KeyboardInterrupt:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -276,6 +286,32 @@ def run_one(cfg: RunConfig, timeout_s: float, log_path: Path, env: dict, interac
         else:
             why = f"exited {code} without a result"
         return {"status": "error", "error": f"worker {why}; see {log_path}", "subprocess_s": elapsed}
+
+
+class Pruned(Exception):
+    """``run_one``'s watch stopped the worker (its message says why)."""
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float, watch, epochs_file: Path) -> int:
+    """The worker's exit code; without ``watch`` a plain wait, else polling its epochs file."""
+    if watch is None:
+        return proc.wait(timeout=timeout_s)
+    deadline, seen = time.monotonic() + timeout_s, None
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
+        try:
+            known = json.loads(epochs_file.read_text())  # written atomically by the worker
+        except (OSError, ValueError):
+            continue
+        if known != seen:
+            seen = known
+            reason = watch(known)
+            if reason:
+                raise Pruned(reason)
 
 
 def plan(args) -> tuple[list[str], list[str]]:
@@ -316,14 +352,29 @@ def sweep_jobs(args, preset: configs_mod.Preset, cfgs: list[RunConfig], devices:
     return jobs, list(not_here.values())
 
 
-def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
-    preset = configs_mod.PRESETS[args.preset]
+def job_overrides(args, preset: configs_mod.Preset) -> dict:
+    """The knobs a sweep sets for every configuration: the preset's, then the flags given."""
     given = given_knobs(args, SWEEP)
     overrides = {**preset.overrides, **implied(given)}
     if overrides.get("model_handle", "random") != "random" and args.preset == "smoke" and "image_size" not in given:
         overrides["image_size"] = 224  # a real Hub model has a fixed 224 input
-    chosen = configs_mod.select(args.configs, preset)
-    return preset, [c.replace(**overrides) for c in chosen]
+    return overrides
+
+
+def sweep_configs(args) -> tuple[configs_mod.Preset, list[RunConfig]]:
+    preset = configs_mod.PRESETS[args.preset]
+    given = given_knobs(args, SWEEP)
+    overrides = job_overrides(args, preset)
+    chosen = [] if getattr(args, "config", None) and args.configs is None else configs_mod.select(args.configs, preset)
+    cfgs = [c.replace(**overrides) for c in chosen]
+    if getattr(args, "config", None):
+        # The file's configuration on top of the preset's job; flags given override both.
+        cfg = from_file(args.config, given, under={**preset.overrides, "name": Path(args.config).stem})
+        if cfg.name in {c.name for c in cfgs}:
+            raise UserError(f"--config {args.config}: its configuration is named {cfg.name!r}, like one of --configs; "
+                            "rename it (its \"name\" key) or drop that name from --configs")
+        cfgs.append(cfg)
+    return preset, cfgs
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -333,6 +384,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=tuple(configs_mod.PRESETS), default=DEFAULTS["preset"], help="(default: quick)")
     g.add_argument("--configs", metavar="NAME,...", help="configurations to run (default: the preset's); "
                                                          f"see {invoked('bench')} list")
+    g.add_argument("--config", metavar="FILE", help="also run the configuration in this JSON file (such as bench "
+                   "tune's best.json), on the preset's job; alone, only it runs; the knob flags override it")
     g.add_argument("--repeats", type=positive_int, help="runs of each configuration (default: the preset's)")
     g.add_argument("--timeout", type=positive_int, metavar="S", help="seconds per configuration (default: the "
                                                                      "preset's)")
@@ -425,8 +478,7 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
     facts = machine.host_facts()
     if args.remeasure:
         machine.Measured(cache, facts["machine_id"], facts["tensorflow_version"]).forget()
-    common = dict(run_id=run_id, preset=args.preset, git_commit=git_commit(),
-                  python_version=platform.python_version(), host_cpu_count=os.cpu_count(), **facts)
+    common = provenance(run_id, args.preset, facts)
     print(f"bench run {run_id}: {len(jobs)} runs ({len(done)} already done) on {', '.join(devices)}; "
           f"preset {args.preset}; results -> {path}", file=sys.stderr)
     if member:
@@ -476,6 +528,12 @@ def _sweep(args, preset, cfgs, devices, skipped, out, run_id, path, cache, membe
         tracking.export(load([path]), *getattr(args, "tracking", (None, None)), artifacts=written)
     # A skipped row (the hardware lacks what a configuration needs, e.g. bf16) is a result, not a failure.
     return tracked if all(r.get("status") in ("ok", "skipped") for r in results.rows) else RUN_FAILED_EXIT_CODE
+
+
+def provenance(run_id: str, preset: str, facts: dict) -> dict:
+    """What every row of a run says about where and from what it was measured."""
+    return dict(run_id=run_id, preset=preset, git_commit=git_commit(), python_version=platform.python_version(),
+                host_cpu_count=os.cpu_count(), **facts)
 
 
 def data_now(cfg: RunConfig) -> tuple[str, ...]:
@@ -594,7 +652,7 @@ def _saved_settings(meta: Path) -> dict:
     if not isinstance(saved, dict):
         raise bad("not a JSON object")
     checks = {"device": lambda v: v in ("cpu", "gpu", "all"), "preset": lambda v: v in configs_mod.PRESETS,
-              "configs": lambda v: v is None or isinstance(v, str),
+              "configs": lambda v: v is None or isinstance(v, str), "config": lambda v: v is None or isinstance(v, str),
               "repeats": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
               "timeout": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
               "figures": lambda v: isinstance(v, bool), "remeasure": lambda v: isinstance(v, bool)}

@@ -4,8 +4,9 @@
 configuration x device x repeat, because precision policy, XLA and visible devices are
 process-global in TensorFlow, and so that peak memory is this configuration's alone. The job
 document holds everything the worker needs: ``config`` (RunConfig fields), ``result`` (where
-the row goes), ``progress``, ``cache``, ``figures`` (a folder, or null) and ``machine_id`` (the
-sweep's machine fingerprint, under which per-machine measurements are cached).
+the row goes), ``progress``, ``cache``, ``figures`` (a folder, or null), ``machine_id`` (the
+sweep's machine fingerprint, under which per-machine measurements are cached) and, for bench
+tune, ``epochs_file``: where each epoch's progress goes (``train.RunContext.on_epoch``).
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def main(argv=None) -> int:
         from . import machine
 
         cache = cache_dir(job.get("cache"))
+        epochs_file = job.get("epochs_file")  # bench tune reads it to stop a trial that is already too slow
+        on_epoch = (lambda known: _write(Path(epochs_file), known)) if epochs_file else None
         result = train.run(cfg, cache, progress=job.get("progress", False), keep_model=cfg.breakdown,
-                           predictions=bool(job.get("figures")))
+                           predictions=bool(job.get("figures")), on_epoch=on_epoch)
         row = dict(result.row)
         if cfg.breakdown and result.backbone is not None:
             machine_id = job.get("machine_id") or machine.host_facts()["machine_id"]

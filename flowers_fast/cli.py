@@ -10,8 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .clikit import OneLineParser, add_knob_flags, given_knobs, knob_type, run_main
-from .config import TRAIN, RunConfig
+from .clikit import OneLineParser, add_config_flag, add_knob_flags, given_knobs, knob_type, run_main
+from .config import TRAIN, RunConfig, from_file
 from .errors import OutputError, UserError, invoked
 from .outputs import OVERWRITE_HELP, Outputs, atomic_write, temp_dir
 
@@ -59,8 +59,14 @@ def _print_table(row: dict) -> None:
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
 
 
+def train_config(args) -> RunConfig:
+    """The configuration ``train`` runs: ``--config FILE`` (if given) with the flags given on top."""
+    given = given_knobs(args, TRAIN)
+    return from_file(args.config, given) if args.config else RunConfig.from_flags(**given)
+
+
 def cmd_train(args) -> int:
-    cfg = RunConfig.from_flags(**given_knobs(args, TRAIN))
+    cfg = train_config(args)
     if cfg.pipeline == "modelonly" and (args.save or args.figures):
         raise UserError(f"--{'save' if args.save else 'figures'} needs a pipeline that trains on images; "
                         "--pipeline modelonly only times train steps on random tensors")
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="MobileNetV2 transfer learning on flowers, the naive way or fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train and evaluate one configuration")
+    add_config_flag(p)
     add_knob_flags(p, TRAIN)
     g = p.add_argument_group("output")
     add_cache_flag(g)

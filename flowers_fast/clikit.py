@@ -87,6 +87,12 @@ def add_knob_flags(parser: argparse.ArgumentParser, where: str) -> None:
                                metavar=meta["metavar"] or (None if meta["choices"] else f.name.upper()), **common)
 
 
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``: knob values from a JSON file (``bench tune``'s best.json); flags override it."""
+    parser.add_argument("--config", metavar="FILE", help="knob values from a JSON file, such as bench tune's "
+                        "best.json (keys: the knob names with underscores); flags given too override it")
+
+
 def given_knobs(args: argparse.Namespace, where: str) -> dict:
     """The knob values the user gave on the command line (see add_knob_flags)."""
     return {f.name: getattr(args, f.name) for f in knobs(where) if hasattr(args, f.name)}

@@ -49,13 +49,19 @@ _DATA_SERVICE = re.compile(r"^grpc://(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]
 
 
 def knob(default, help: str, *, flag: str | None = None, choices: tuple | None = None, minimum=None,
-         maximum=None, where: tuple[str, ...] = (TRAIN, SWEEP), group: str = "run", metavar: str | None = None):
+         maximum=None, where: tuple[str, ...] = (TRAIN, SWEEP), group: str = "run", metavar: str | None = None,
+         tune: tuple | None = None, tune_when: dict | None = None):
     """A RunConfig field with what the command lines and the checks need to know about it.
 
     ``flag`` defaults to the field name with dashes; ``minimum``/``maximum`` bound numbers (inclusive);
-    ``where`` says which command lines offer the flag (empty: set only by configurations)."""
+    ``where`` says which command lines offer the flag (empty: set only by configurations).
+    ``tune``: the values ``bench tune`` may try, declared only on knobs that change how fast the job
+    runs, not what it computes (or only within the accuracy tolerance, like precision); ``tune_when``
+    (knob -> values) says when the knob matters at all, e.g. only for one pipeline. Combinations the
+    configuration's own checks refuse are never tried."""
     return dataclasses.field(default=default, metadata=dict(
-        help=help, flag=flag, choices=choices, minimum=minimum, maximum=maximum, where=where, group=group, metavar=metavar))
+        help=help, flag=flag, choices=choices, minimum=minimum, maximum=maximum, where=where, group=group,
+        metavar=metavar, tune=tune, tune_when=tune_when))
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class RunConfig:
                          "featcache (frozen features once, then the head), cutcache (--fine-tune-epochs: the frozen "
                          "bottom's activations at the cut once, then the top and the head), modelonly (in-memory "
                          "tensors, no data)",
-                         choices=PIPELINES, where=(TRAIN,))
+                         choices=PIPELINES, where=(TRAIN,), tune=("tfdata", "featcache"))
     device: str = knob("cpu", "where to train", choices=DEVICES, where=(TRAIN,))
     # data
     dataset: str = knob("synthetic", "synthetic (built-in, offline), flowers (flower_photos.tgz download or "
@@ -113,14 +119,21 @@ class RunConfig:
                               "made once in the pass (K times its cost); every epoch trains on one view of each, "
                               "drawn afresh (seeded). 0 = none", minimum=0, maximum=64, where=(TRAIN,), group="model",
                               metavar="K")
+    # Declared before precision: a search picks the engine first, so that int8 (OpenVINO only) can follow.
+    engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
+                       "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
+                       "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model",
+                       tune=ENGINES)
     precision: str = knob("fp32", "mixed = float16 on GPU, bfloat16 on CPU, in the backbone's convolutions; int8 = "
                           "OpenVINO after NNCF's post-training quantization (--engine openvino), calibrated on "
-                          "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model")
+                          "training images", choices=PRECISIONS, where=(TRAIN, PREDICT), group="model",
+                          tune=PRECISIONS)
     calibration_images: int = knob(256, "--precision int8: how many training images (a seeded sample; predict: of "
                                    "--calibration-dir) calibrate "
                                    "the quantization (at most half the training split; up to 64 others check "
                                    "its features)",
-                                   minimum=8, maximum=10000, where=(TRAIN, SWEEP, PREDICT), group="model")
+                                   minimum=8, maximum=10000, where=(TRAIN, SWEEP, PREDICT), group="model",
+                                   tune=(64, 128, 256), tune_when={"precision": ("int8",)})
     reuse_quantized: bool = knob(True, "--precision int8: load the quantized model an earlier run stored under the "
                                  "same key (model, size, versions, calibration files) instead of quantizing again; "
                                  "bench's featcache-ov-int8 turns it off, so that every repeat times its quantization",
@@ -128,18 +141,16 @@ class RunConfig:
     int8_min_cosine: float = knob(0.95, "--precision int8: the least feature cosine vs float32, on held-out training "
                                   "images, that a quantized model must keep; below it the run stops (a skipped row)",
                                   minimum=0.0, maximum=1.0, where=(TRAIN, SWEEP, PREDICT), group="model")
-    engine: str = knob("tf", "what runs the frozen model in featcache's feature pass and in predict: tf (TensorFlow) "
-                       "or openvino (OpenVINO, CPU only; with --precision mixed it runs bfloat16, where the CPU has "
-                       "native bf16)", choices=ENGINES, where=(TRAIN, PREDICT), group="model")
     xla_step: bool = knob(False, "jit_compile the whole train/eval step", flag="xla", where=(TRAIN,), group="model")
     xla_backbone: bool = knob(False, "jit_compile only the backbone forward (featcache's feature pass)",
                               where=(TRAIN,), group="model")
     # training
     epochs: int = knob(5, "training epochs", minimum=1, group="training")
-    batch_size: int = knob(32, "training batch per replica", minimum=1, group="training")
+    batch_size: int = knob(32, "training batch per replica", minimum=1, group="training", tune=(16, 32, 64, 128))
     feature_batch_size: int = knob(0, "featcache's feature pass: images per inference call; 0 = 16 on a CPU (on 2 "
                                    "cores 16, 32 and 128 ran as fast, and each doubling held about 300 MB more in "
-                                   "OpenVINO), 128 on a GPU", minimum=0, group="training")
+                                   "OpenVINO), 128 on a GPU", minimum=0, group="training",
+                                   tune=(0, 32, 64, 128), tune_when={"pipeline": ("featcache",)})
     reuse_features: bool = knob(False, "featcache: keep the features on disk and skip the feature pass when the "
                                 "model, engine, precision, image size and files (sizes, modification times) are "
                                 "unchanged; other pipelines ignore it", group="training")
@@ -147,18 +158,19 @@ class RunConfig:
     # input pipeline craft
     naive_rgb: bool = knob(False, "naive pipeline: fix the notebook's BGR channel order", flag="rgb",
                            where=(TRAIN,), group="input pipeline")
-    cache: str = knob("memory", "where tf.data caches decoded images", choices=CACHES, group="input pipeline")
+    cache: str = knob("memory", "where tf.data caches decoded images", choices=CACHES, group="input pipeline",
+                      tune=CACHES, tune_when={"pipeline": ("tfdata",)})
     shuffle_buffer: int = knob(1024, "tf.data shuffle buffer (images)", minimum=1, group="input pipeline")
     dct_decode: bool = knob(False, "decode JPEGs at reduced size in the DCT when at least 2x the target",
-                            where=(TRAIN,), group="input pipeline")
+                            where=(TRAIN,), group="input pipeline", tune=(False, True))
     deterministic: bool = knob(False, "deterministic tf.data order for training (off is faster)",
                                group="input pipeline")
     private_threads: int = knob(0, "tf.data private thread pool size (0 = TensorFlow's shared pool)", minimum=0,
-                                group="input pipeline")
+                                group="input pipeline", tune=(0, 1, 2, 4))
     onednn: str = knob("auto", "TensorFlow's oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS, set before TensorFlow loads): "
                        "auto = TensorFlow's own choice (on only for CPUs with AVX512-VNNI, AVX512-BF16 or AMX; off on "
                        "e.g. AMD EPYC, where on about doubled MobileNetV2's speed), on, off",
-                       choices=ONEDNN, group="measurement")
+                       choices=ONEDNN, group="measurement", tune=ONEDNN)
     max_isa: str = knob("all", "the highest instruction set oneDNN may use, in TensorFlow and OpenVINO alike "
                         "(ONEDNN_MAX_CPU_ISA, set before either loads): avx2 runs oneDNN's kernels as on an "
                         "AVX2-only CPU (no VNNI, no bf16); the CPU's clock, caches and TensorFlow's own kernels "
@@ -386,3 +398,41 @@ def check_value(f: dataclasses.Field, value) -> str | None:
     if meta["maximum"] is not None and value > meta["maximum"]:
         return f"must be at most {meta['maximum']}, got {value!r}"
     return None
+
+
+def load_file(path, flag: str = "--config") -> dict:
+    """The knob values of a configuration file (a JSON object of RunConfig fields, as ``bench tune``
+    writes its winner), each checked as its flag would be: a UserError naming the file and the key
+    for an unreadable file, an unknown key or an invalid value. Flags given with it override it."""
+    from pathlib import Path
+
+    where = f"{flag} {path}"
+    try:
+        values = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where}: cannot read ({getattr(exc, 'strerror', None) or exc}); pass a configuration "
+                        "file (JSON) such as bench tune's best.json") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}); expected an object of knob "
+                        'values, e.g. {"pipeline": "featcache"}') from None
+    if not isinstance(values, dict):
+        raise UserError(f'{where}: expected a JSON object of knob values, e.g. {{"pipeline": "featcache"}}')
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {key!r}; keys are RunConfig's knobs, e.g. pipeline, batch_size "
+                            "(see --help: a flag's name with underscores)")
+        problem = check_value(fields[key], value)
+        if problem:
+            raise UserError(f"{where}: key {key!r} {problem}")
+    return values
+
+
+def from_file(path, given: dict, flag: str = "--config", under: dict | None = None) -> "RunConfig":
+    """A configuration from file ``path`` over ``under`` (bench run: the preset's job), with the
+    flags ``given`` on top; a check across knobs that fails names the file too."""
+    values = {**(under or {}), **load_file(path, flag), **implied(given)}
+    try:
+        return RunConfig.from_flags(**values)
+    except UserError as exc:
+        raise UserError(f"{flag} {path} with the flags given: {exc}") from None

@@ -70,6 +70,9 @@ class RunContext:
     # --profile: the steady-state steps to trace (set where the model trains) and, for featcache, the feature slice
     profile_steps: Callable | None = None
     profile_extra: Callable | None = None
+    # Called after each epoch with what is known so far (bench tune's pruning reads it): the seconds
+    # before training (``prep_s``), the epoch times, and how many epochs the run has.
+    on_epoch: Callable[[dict], None] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -83,10 +86,11 @@ class Runner:
 
 
 def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = False,
-        predictions: bool = True) -> RunResult:
+        predictions: bool = True, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
     """Train and evaluate ``cfg``; the process-global setup (runtime.setup) must be done first.
     ``predictions=False`` skips predicting the test set a second time after evaluation (the
-    result's ``y_pred`` stays empty): a sweep's rows need only the evaluation's metrics."""
+    result's ``y_pred`` stays empty): a sweep's rows need only the evaluation's metrics.
+    ``on_epoch``: see ``RunContext.on_epoch``."""
     from .runners import RUNNERS  # here, not at the top: the runners import this module
 
     t_start = time.perf_counter()
@@ -100,7 +104,7 @@ def run(cfg: RunConfig, cache: Path, progress: bool = True, keep_model: bool = F
                      row={"replicas": replicas, "global_batch": cfg.batch_size * replicas,
                           "workers": member.workers if member else 1,
                           "cluster_task": f"{member.task[0]} {member.task[1]}" if member else ""},
-                     predictions=predictions)
+                     predictions=predictions, on_epoch=on_epoch)
     # A peer that died or timed out: one line instead of TensorFlow's "Graph execution error:" page.
     with cluster.one_line_failures(member is not None):
         return _run(ctx, runner, t_start, keep_model)
@@ -231,6 +235,10 @@ def _fit_evaluate(ctx: RunContext, model, train_x, test_x, n_train: int, n_test:
     timer = metrics.EpochTimer()
     bar = _Progress(-(-n_train // ctx.global_batch), label, ctx.progress)
     callbacks = [timer, bar, _StopOnDivergence(cfg.learning_rate, ctx.num_classes)]
+    if ctx.on_epoch is not None:  # after the timer, which has then timed the epoch
+        epochs = cfg.epochs + cfg.fine_tune_epochs
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: ctx.on_epoch(
+            {"prep_s": prep_s + extra_s, "epoch_times_s": list(timer.times), "epochs": epochs})))
     try:
         with _files_stay(ctx):
             _fit(model, cfg, train_x, train_y, batch_size, callbacks)
