@@ -78,7 +78,7 @@ def available_gpus() -> int:
         return 0
 
 
-STATUSES = ("ok", "error", "timeout", "interrupted")
+STATUSES = ("ok", "skipped", "error", "timeout", "interrupted")
 # The columns --resume needs to know which rows are done.
 RESUME_COLUMNS = ("name", "device", "repeat", "status")
 

@@ -234,3 +234,11 @@ def test_sweep_from_python_rejects_what_the_cli_rejects(tmp_path, kwargs, needle
     with pytest.raises(UserError, match=needle):
         bench_run.sweep(preset="smoke", out=tmp_path, **kwargs)
     assert not list(tmp_path.glob("run-*"))  # nothing written
+
+
+def test_resume_reads_a_skipped_row_as_done(tmp_path):
+    """A worker's skipped row (e.g. OpenVINO bf16 on a CPU without bf16) is a finished row."""
+    csv_path = tmp_path / "run-x.csv"
+    csv_path.write_text("name,device,repeat,status,error\nfeatcache-ov-bf16,cpu,0,skipped,no native bf16\n")
+    rows, cut = bench_run.read_rows(csv_path)
+    assert not cut and [r["status"] for r in rows] == ["skipped"]
