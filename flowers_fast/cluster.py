@@ -296,6 +296,15 @@ def _task(match) -> str:
     return f"{match[1]} {match[2]}"
 
 
+def _only_peer() -> str | None:
+    """The other task of a two-task cluster (TensorFlow's message may not name the one it lost)."""
+    if _current is None or not _current.conf:
+        return None
+    others = [f"{job} {i}" for job, hosts in _current.conf.get("cluster", {}).items() if job in ("chief", "worker")
+              for i in range(len(hosts)) if (job, i) != tuple(_current.task)]
+    return others[0] if len(others) == 1 else None
+
+
 def describe(exc: BaseException) -> str:
     """One line for a cluster error (TensorFlow's first line is often just "Graph execution error:").
 
@@ -314,11 +323,11 @@ def describe(exc: BaseException) -> str:
         return f"{kind}: an all-reduce timed out: a peer is stuck or much slower"
     if "CoordinationService/Heartbeat" in text or "Failed to send RPC to coordination service" in text:
         return f"{kind}: the chief (task 0, which runs the coordination service) stopped answering"
-    lost = re.search(r"(Socket closed|Connection reset by peer|Connection refused|failed to connect to all addresses)",
-                     text)
+    lost = re.search(r"(Socket closed|Connection reset by peer|Connection refused|Broken pipe|"
+                     r"failed to connect to all addresses)", text)
     if lost:
         m = re.search(r"remote target " + task, text)
-        peer = _task(m) if m else "a peer"
+        peer = _task(m) if m else _only_peer() or "a peer"
         m = re.search(r"ipv[46]:([^ ]+?): Failed to connect", text)
         where = f" at {m[1]}" if m else ""
         return f"{kind}: lost the connection to {peer}{where} ({lost[1]}): it exited, was killed or is unreachable"

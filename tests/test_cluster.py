@@ -111,6 +111,17 @@ def test_cluster_errors_become_one_line(kind, message, needle):
     assert "\n" not in str(lost) and needle in str(lost) and kind in str(lost)
 
 
+def test_a_lost_peer_the_message_does_not_name_is_the_other_task_of_two(monkeypatch):
+    """Under load TensorFlow may say only "sendmsg: Broken pipe" (seen on loopback): in a cluster of
+    two, the peer lost is the other task."""
+    from flowers_fast.tfkeras import tf
+
+    conf = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setattr(cluster, "_current", cluster.Cluster("TF_CONFIG", ("worker", 1), 2, ("worker", 0), conf))
+    exc = tf.errors.UnavailableError(None, None, "Graph execution error:\n\nsendmsg: Broken pipe (32)")
+    assert "worker 1 of 2: UnavailableError: lost the connection to worker 0 (Broken pipe)" in str(cluster.failure(exc))
+
+
 def test_other_errors_are_not_cluster_errors():
     from flowers_fast.tfkeras import tf
 
