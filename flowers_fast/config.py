@@ -173,6 +173,12 @@ class RunConfig:
                              "CPU host)", minimum=0, group="scaling out", metavar="N")
     data_service: str | None = knob(None, "tf.data service dispatcher that decodes for training (tfdata only)",
                                     group="scaling out", metavar="grpc://HOST:PORT")
+    shard_store: str | None = knob(None, "--strategy multiworker, featcache and cutcache: each task streams its own "
+                                   "shard of the files through the frozen pass, then the tasks share them through "
+                                   "this folder, which every task must see (a shared filesystem; each shard written "
+                                   "atomically), instead of the strategy's all-gather (the default, which holds "
+                                   "every shard in each task's memory at once); other pipelines ignore it",
+                                   group="scaling out", metavar="DIR")
     peer_timeout: float = knob(300.0, "--strategy multiworker: seconds to wait for every peer to start before "
                                "giving up", minimum=1, group="scaling out", metavar="S")
     slurm_port: int = knob(8888, "--strategy multiworker under SLURM (srun, no TF_CONFIG): port of each node's first "
@@ -194,6 +200,9 @@ class RunConfig:
             raise UserError(f"--data-service works with --pipeline tfdata only, not {self.pipeline}")
         if self.data_service:
             data_service_address(self.data_service)
+        if self.shard_store and self.strategy != "multiworker":
+            raise UserError(f"--shard-store shares the feature pass of a --strategy multiworker run's tasks, not of "
+                            f"--strategy {self.strategy}; add --strategy multiworker or drop --shard-store")
         if self.engine == "openvino":
             if self.pipeline not in ("featcache", "cutcache"):
                 raise UserError(f"--engine openvino runs featcache's frozen feature pass (and cutcache's pass to the "
