@@ -114,3 +114,101 @@ def test_shard_store_needs_multiworker():
     with pytest.raises(UserError, match="--shard-store .* add --strategy multiworker"):
         RunConfig(pipeline="featcache", shard_store="/tmp/x")
     assert RunConfig(pipeline="featcache", strategy="multiworker", shard_store="/tmp/x").shard_store == "/tmp/x"
+
+
+# --- a real 2-task cluster on loopback -------------------------------------------------------------------
+
+LIMIT = 60  # seconds: the bound on every wait for a process to end on its own (as tests/test_cluster.py)
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    """64 synthetic flowers in one folder every process reads (--data-dir): 48 train, 16 test."""
+    from flowers_fast import synthetic
+
+    return synthetic.generate(tmp_path_factory.mktemp("flowers") / "set", 64, 0)
+
+
+def _cluster_and_one(tmp_path, given: dict, task_extra=()) -> dict:
+    """``given`` as 2 multiworker tasks and as one process at the same global batch, all at once
+    (times mean nothing here), each with its own --cache-dir (where --reuse-features keeps the
+    features it ended with); their rows by name."""
+    from bench.loopback import _wait, free_ports, start, task_env, tf_config, train_argv
+
+    batch = given["batch_size"]
+    procs, logs, argvs = {}, {}, {}
+    ports = free_ports(2)
+    for name, strategy, b, env in (("worker 0", "multiworker", batch, {"TF_CONFIG": tf_config(ports, 0)}),
+                                   ("worker 1", "multiworker", batch, {"TF_CONFIG": tf_config(ports, 1)}),
+                                   ("one process", "default", 2 * batch, {})):
+        stem = name.replace(" ", "")
+        extra = list(task_extra) if strategy == "multiworker" else []
+        argvs[name] = train_argv({**given, "strategy": strategy, "batch_size": b}) + extra + \
+            ["--cache-dir", str(tmp_path / f"cache-{stem}"), "--json", str(tmp_path / f"{stem}.json")]
+        logs[name] = tmp_path / f"{stem}.log"
+        procs[name] = start(argvs[name], task_env(env), logs[name], cwd=ROOT)
+    _wait(procs, logs, 600)
+    rows = {name: json.loads((tmp_path / f"{name.replace(' ', '')}.json").read_text()) for name in procs}
+    for name, row in rows.items():
+        row["cache"] = tmp_path / f"cache-{name.replace(' ', '')}"
+        row["log"] = logs[name].read_text(errors="replace")
+    return rows
+
+
+def _features(row) -> dict:
+    from flowers_fast import featurestore
+
+    stored = featurestore.load(row["cache"], row["features_key"])
+    assert stored is not None, row["log"][-2000:]
+    return stored[0]
+
+
+def _check_sharded_run(rows, shared_by: str) -> None:
+    w0, w1, one = rows["worker 0"], rows["worker 1"], rows["one process"]
+    assert (w0["workers"], w0["global_batch"], one["global_batch"]) == (2, 32, 32)
+    # Each task ran half of the files through the pass (train and test), one process all of them.
+    assert (w0["feature_pass_images"], w1["feature_pass_images"], one["feature_pass_images"]) == (24, 24, 48)
+    assert (w0["test_feature_pass_images"], w1["test_feature_pass_images"]) == (8, 8)
+    assert w0["train_images"] == w1["train_images"] == one["train_images"] == 48
+    for i, row in enumerate((w0, w1)):
+        assert f"train feature pass over 24 of 48 images (shard {i} of 2), then shared by {shared_by}" in row["log"]
+    # Every task ended with every file's features, equal to one process's (none missed: the same keys).
+    base = _features(one)
+    for row in (w0, w1):
+        got = _features(row)
+        assert sorted(got) == sorted(base) and len(base) == 64
+        a = np.stack([got[f] for f in sorted(base)]).astype(np.float32)
+        b = np.stack([base[f] for f in sorted(base)]).astype(np.float32)
+        cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cosine.min() >= 0.9999
+    # The heads trained data-parallel: the tasks agree exactly, and match one process at the same
+    # global batch (48 = 32 + 16, split 16+16 and 8+8) within test_cluster.py's tolerance.
+    assert (w0["test_loss"], w0["test_accuracy"]) == (w1["test_loss"], w1["test_accuracy"])
+    assert w0["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+    assert w0["test_accuracy"] == one["test_accuracy"]
+
+
+def _given(flowers, handle, size: int) -> dict:
+    return dict(pipeline="featcache", data_dir=str(flowers), image_size=size, epochs=2, batch_size=16,
+                model_handle=str(handle), breakdown=False, reuse_features=True, peer_timeout=120.0)
+
+
+@pytest.mark.slow
+def test_two_tasks_each_pass_half_and_end_with_one_process_features(small_model, flowers, tmp_path):
+    rows = _cluster_and_one(tmp_path, _given(flowers, small_model, 96))
+    _check_sharded_run(rows, "all-gather")
+
+
+@pytest.mark.slow
+def test_the_shared_folder_way_gives_the_same(small_model, flowers, tmp_path):
+    store = tmp_path / "store"
+    rows = _cluster_and_one(tmp_path, _given(flowers, small_model, 96), ["--shard-store", str(store)])
+    _check_sharded_run(rows, f"the shared folder {store}")
+    assert store.is_dir() and not any(store.iterdir())  # the chief removed the run's shards once all had read them
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PRETRAINED.is_dir(), reason=f"no pretrained weights at {PRETRAINED}")
+def test_two_tasks_on_pretrained_weights(flowers, tmp_path):
+    rows = _cluster_and_one(tmp_path, _given(flowers, PRETRAINED, 224))  # its fixed input size
+    _check_sharded_run(rows, "all-gather")
