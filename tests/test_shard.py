@@ -212,3 +212,48 @@ def test_the_shared_folder_way_gives_the_same(small_model, flowers, tmp_path):
 def test_two_tasks_on_pretrained_weights(flowers, tmp_path):
     rows = _cluster_and_one(tmp_path, _given(flowers, PRETRAINED, 224))  # its fixed input size
     _check_sharded_run(rows, "all-gather")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed, store", [(1, False), (0, True)], ids=["all-gather, worker 1 killed",
+                                                                         "shared folder, the chief killed"])
+def test_a_task_killed_mid_pass_ends_its_peer_with_one_line(small_model, tmp_path, killed, store):
+    """SIGKILL one task during its feature pass (one image per inference call keeps the pass a few
+    seconds long): the survivor, which goes on to share its shard, ends with one line naming the
+    task it lost, within the bound the cluster tests use; the dead task's shard never appears."""
+    from bench.loopback import free_ports, start, stop, task_env, tf_config, train_argv
+
+    given = dict(pipeline="featcache", num_images=400, image_size=96, epochs=1, model_handle=str(small_model),
+                 breakdown=False, feature_batch_size=1, strategy="multiworker", peer_timeout=120.0)
+    extra = ["--shard-store", str(tmp_path / "store")] if store else []
+    ports, procs, logs = free_ports(2), [], []
+    try:
+        for i in range(2):
+            logs.append(tmp_path / f"w{i}.log")
+            procs.append(start(train_argv(given) + extra, task_env({"TF_CONFIG": tf_config(ports, i)}), logs[i],
+                               cwd=ROOT))
+        victim, survivor = procs[killed], procs[1 - killed]
+        end = time.monotonic() + 240
+        while "train feature pass over" not in logs[killed].read_text(errors="replace"):
+            assert time.monotonic() < end and victim.poll() is None, logs[killed].read_text()[-2000:]
+            time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        assert "train features of" not in logs[killed].read_text()  # it died before its shard was shared
+        t0 = time.monotonic()
+        try:
+            survivor.wait(timeout=LIMIT)
+        except Exception:  # noqa: BLE001
+            pytest.fail(f"the survivor still runs {LIMIT} s after its peer died:\n{logs[1 - killed].read_text()[-2000:]}")
+        text = logs[1 - killed].read_text(errors="replace")
+        assert survivor.returncode == 10, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+        assert f"error: --strategy multiworker: worker {1 - killed} of 2: " in lines[-1], text[-3000:]
+        lost = lines[-1].split(" of 2: ", 1)[1]  # names the task it lost (the chief runs the coordination service)
+        assert f"worker {killed}" in lost or (killed == 0 and "the chief (task 0" in lost), lost
+        print(f"\nsurvivor ended {time.monotonic() - t0:.1f} s after the kill: {lines[-1]}")
+        if store:
+            assert not list((tmp_path / "store").glob(f"run-*/train-{killed}-of-2.npz"))
+    finally:
+        stop(procs)
