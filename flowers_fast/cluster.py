@@ -270,8 +270,10 @@ def configure_coordination(conf: dict, register_timeout_s: float) -> None:
 
 
 def shared_settings(cfg) -> dict:
-    """What every task of a run must agree on: the configuration, minus what is local to a host."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KNOBS}
+    """What every task of a run must agree on: the configuration, minus what is local to a host
+    (but whether there is a --shard-store: the tasks share their shards one way or the other)."""
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KNOBS}
+    return {**shared, "shard_store": "a folder" if cfg.shard_store else None}
 
 
 def strategy(cfg):

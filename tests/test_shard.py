@@ -257,3 +257,13 @@ def test_a_task_killed_mid_pass_ends_its_peer_with_one_line(small_model, tmp_pat
             assert not list((tmp_path / "store").glob(f"run-*/train-{killed}-of-2.npz"))
     finally:
         stop(procs)
+
+
+def test_tasks_must_agree_on_sharing_by_folder_but_not_on_its_path():
+    from flowers_fast import cluster
+    from flowers_fast.config import RunConfig
+
+    base = RunConfig(pipeline="featcache", strategy="multiworker")
+    here, there = base.replace(shard_store="/mnt/a"), base.replace(shard_store="/shared/a")
+    assert cluster.shared_settings(here) == cluster.shared_settings(there)  # each host's own mount point
+    assert cluster.shared_settings(here) != cluster.shared_settings(base)  # all-gather on one, a folder on the other
