@@ -140,8 +140,10 @@ def job_name(cfg: RunConfig) -> str:
     return f"flowers_fast-{uuid.uuid4().hex[:12]}"
 
 
-def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig) -> "tf.data.Dataset":
-    """Run ``ds`` (the training pipeline) on tf.data service workers when --data-service is set.
+def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig, job: str = "") -> "tf.data.Dataset":
+    """Run ``ds`` (the training pipeline, or featcache's feature stream) on tf.data service workers
+    when --data-service is set; ``job`` names a job of its own within the run (a feature pass
+    shard's: each task reads only its own).
 
     Everything before this call runs on the workers: they read the files by the same paths
     as this process, so the data must be at the same path on every worker host."""
@@ -152,7 +154,8 @@ def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig) -> "tf.data.Datase
         raise UserError(f"--data-service {cfg.data_service}: no dispatcher answers at {host}:{port}; start one with "
                         f"{invoked('bench')} dataservice dispatcher --port {port}, and at least one worker")
     return ds.apply(tf.data.experimental.service.distribute(
-        processing_mode=PROCESSING_MODE, service=cfg.data_service, job_name=job_name(cfg)))
+        processing_mode=PROCESSING_MODE, service=cfg.data_service,
+        job_name=job_name(cfg) + (f"-{job}" if job else "")))
 
 
 def _port(port: int, what: str) -> int:

@@ -267,3 +267,29 @@ def test_tasks_must_agree_on_sharing_by_folder_but_not_on_its_path():
     here, there = base.replace(shard_store="/mnt/a"), base.replace(shard_store="/shared/a")
     assert cluster.shared_settings(here) == cluster.shared_settings(there)  # each host's own mount point
     assert cluster.shared_settings(here) != cluster.shared_settings(base)  # all-gather on one, a folder on the other
+
+
+# --- featcache's stream from the tf.data service -------------------------------------------------------
+
+def test_featcache_pass_from_the_data_service_equals_the_local_one(tiny_cfg, cache):
+    """Two service workers decode the feature pass (each hands its batches back in its own time);
+    the features come back in the files' order, so the run is the local one: the same files, the
+    same head, the same test loss."""
+    from flowers_fast import distribute, train
+
+    dispatcher = distribute.dispatcher(0)
+    port = int(dispatcher.target.rsplit(":", 1)[1])
+    workers = [distribute.worker(0, f"127.0.0.1:{port}", "127.0.0.1:%port%") for _ in range(2)]
+    try:
+        cfg = tiny_cfg(pipeline="featcache", num_images=40, feature_batch_size=4)
+        local = train.run(cfg, cache, progress=False, predictions=False).row
+        remote = train.run(cfg.replace(data_service=f"grpc://127.0.0.1:{port}"), cache, progress=False,
+                           predictions=False).row
+    finally:
+        for w in workers:
+            w.stop()
+        dispatcher.stop()
+    assert remote["feature_pass_images"] == local["feature_pass_images"] == local["train_images"] == 30
+    assert remote["test_feature_pass_images"] == local["test_feature_pass_images"] == 10
+    assert remote["test_loss"] == pytest.approx(local["test_loss"], rel=1e-5)
+    assert remote["test_accuracy"] == local["test_accuracy"]

@@ -87,6 +87,9 @@ def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, pa
     not decode are the caller's to check (a shard's); ``row_shape``/``dtype``: of an empty result."""
     cfg = ctx.cfg
     stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch)
+    if ctx.cfg.pipeline == "featcache" and cfg.data_service:  # decoded on the service's workers
+        member = cluster.current() if cfg.strategy == "multiworker" else None
+        stream = distribute.maybe_data_service(stream, cfg, f"{part}-pass" + (f"-{member.rank}" if member else ""))
     steps = -(-len(files) // cfg.feature_batch)
     batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
                tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
@@ -99,7 +102,10 @@ def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, pa
     shape = row_shape or (ctx.backbone.feature_dim,)
     feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, *shape), dtype)
     y = np.concatenate([y for _, (y, _) in out]) if out else np.zeros(0, np.int32)
-    return Features(feats, y, kept, seconds)
+    # In the files' order (the tf.data service's workers hand batches back in any order).
+    where = {f: i for i, f in enumerate(files)}
+    order = np.argsort([where[f] for f in kept], kind="stable")
+    return Features(feats[order], y[order], tuple(kept[i] for i in order), seconds)
 
 
 def pass_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str,
