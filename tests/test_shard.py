@@ -293,3 +293,15 @@ def test_featcache_pass_from_the_data_service_equals_the_local_one(tiny_cfg, cac
     assert remote["test_feature_pass_images"] == local["test_feature_pass_images"] == 10
     assert remote["test_loss"] == pytest.approx(local["test_loss"], rel=1e-5)
     assert remote["test_accuracy"] == local["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_cutcache_shards_its_pass_to_the_cut_too(small_model, flowers, tmp_path):
+    given = {**_given(flowers, small_model, 96), "pipeline": "cutcache", "reuse_features": False, "epochs": 1,
+             "fine_tune_epochs": 1, "fine_tune_from": "block_16"}
+    rows = _cluster_and_one(tmp_path, given)
+    w0, w1, one = rows["worker 0"], rows["worker 1"], rows["one process"]
+    assert (w0["feature_pass_images"], w1["feature_pass_images"], one["feature_pass_images"]) == (24, 24, 48)
+    assert w0["train_images"] == one["train_images"] == 48 and w0["cut_cache_layer"] == one["cut_cache_layer"]
+    assert (w0["test_loss"], w0["test_accuracy"]) == (w1["test_loss"], w1["test_accuracy"])
+    assert w0["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
