@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .. import cluster, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling, quantize, shard, train
+from .. import cluster, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling, quantize, shard
+from .. import train
 from .. import model as models
 from ..tfkeras import keras
 
