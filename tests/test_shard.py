@@ -306,3 +306,17 @@ def test_cutcache_shards_its_pass_to_the_cut_too(small_model, flowers, tmp_path)
     assert w0["train_images"] == one["train_images"] == 48 and w0["cut_cache_layer"] == one["cut_cache_layer"]
     assert (w0["test_loss"], w0["test_accuracy"]) == (w1["test_loss"], w1["test_accuracy"])
     assert w0["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+
+
+def test_bench_loopback_reports_each_tasks_share_of_the_pass():
+    from bench import loopback
+
+    row = dict(replicas=2, global_batch=32, train_images=48, test_accuracy=0.5, test_loss=1.0, feature_pass_s=1.0,
+               feature_share_s=0.5)
+    rows = {"worker 0": {**row, "feature_pass_images": 24}, "worker 1": {**row, "feature_pass_images": 24},
+            "one process": {**row, "replicas": 1, "feature_pass_images": 48, "feature_share_s": 0.0}}
+    text = loopback.report(rows, 2)
+    assert [line.split() for line in text.splitlines() if line.startswith("feature_pass_images ")] == \
+        [["feature_pass_images", "24", "24", "48"]]
+    assert "feature_pass_images" not in loopback.report({n: {k: v for k, v in r.items() if "feature" not in k}
+                                                         for n, r in rows.items()}, 2)
