@@ -282,7 +282,8 @@ def test_featcache_pass_from_the_data_service_equals_the_local_one(tiny_cfg, cac
     port = int(dispatcher.target.rsplit(":", 1)[1])
     workers = [distribute.worker(0, f"127.0.0.1:{port}", "127.0.0.1:%port%") for _ in range(2)]
     try:
-        cfg = tiny_cfg(pipeline="featcache", num_images=40, feature_batch_size=4)
+        # Several head steps an epoch, so that a change in the head's batches would show in the loss.
+        cfg = tiny_cfg(pipeline="featcache", num_images=40, feature_batch_size=4, batch_size=8, epochs=3)
         local = train.run(cfg, cache, progress=False, predictions=False).row
         remote = train.run(cfg.replace(data_service=f"grpc://127.0.0.1:{port}"), cache, progress=False,
                            predictions=False).row
