@@ -33,6 +33,8 @@ from flowers_fast.outputs import Outputs, add_overwrite_flag
 CLEAN_ENV = {"CUDA_VISIBLE_DEVICES": "-1", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 COLUMNS = ("replicas", "global_batch", "train_images", "test_accuracy", "test_loss", "first_epoch_s",
            "steady_epoch_s", "train_img_s", "wall_s")
+# featcache and cutcache: each task's share of the sharded frozen pass (see docs/scaling.md).
+PASS_COLUMNS = ("feature_pass_images", "feature_pass_s", "feature_share_s")
 
 
 def free_ports(n: int) -> list[int]:
@@ -146,9 +148,10 @@ def uneven(row: dict, workers: int) -> bool:
 
 def report(rows: dict[str, dict], workers: int) -> str:
     names = list(rows)
-    width = max(len(c) for c in COLUMNS)
+    columns = COLUMNS + (PASS_COLUMNS if "feature_pass_images" in rows["worker 0"] else ())
+    width = max(len(c) for c in columns)
     lines = [f"{'':<{width}}  " + "  ".join(f"{n:>12}" for n in names)]
-    for c in COLUMNS:
+    for c in columns:
         cells = []
         for n in names:
             v = rows[n].get(c, "")
@@ -163,6 +166,8 @@ def report(rows: dict[str, dict], workers: int) -> str:
     if uneven(w0, workers):
         lines.append(f"note: {w0['train_images']} training images in global batches of {w0['global_batch']} do not "
                      f"split evenly over {workers} workers: expect the loss to differ by about 1e-3, not 1e-5")
+    if "feature_pass_images" in w0:
+        lines.append("feature_pass_images: the images each task ran through the frozen pass (its shard)")
     lines.append("the tasks share this machine's cores: times show the cluster's overhead, not a speed-up")
     return "\n".join(lines)
 

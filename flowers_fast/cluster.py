@@ -40,7 +40,7 @@ _ADDRESS = re.compile(r"^(?:grpc://)?(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]
 _TF_CONFIG_EXAMPLE = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
                       '"task": {"type": "worker", "index": 0}}')
 # Knobs a task may set for itself: paths and addresses as this host sees them, and how long it waits.
-LOCAL_KNOBS = ("data_dir", "model_handle", "data_service", "peer_timeout", "profile")
+LOCAL_KNOBS = ("data_dir", "model_handle", "data_service", "peer_timeout", "profile", "shard_store")
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,13 @@ class Cluster:
     @property
     def is_chief(self) -> bool:
         return self.task == self.chief
+
+    @property
+    def rank(self) -> int:
+        """This task's place among the tasks that train, the chief first (its shard of a sharded pass)."""
+        cluster = self.conf["cluster"]
+        tasks = [(job, i) for job in ("chief", "worker") for i in range(len(cluster.get(job, [])))]
+        return tasks.index(self.task)
 
     @property
     def folder(self) -> str:
@@ -263,8 +270,10 @@ def configure_coordination(conf: dict, register_timeout_s: float) -> None:
 
 
 def shared_settings(cfg) -> dict:
-    """What every task of a run must agree on: the configuration, minus what is local to a host."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KNOBS}
+    """What every task of a run must agree on: the configuration, minus what is local to a host
+    (but whether there is a --shard-store: the tasks share their shards one way or the other)."""
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_KNOBS}
+    return {**shared, "shard_store": "a folder" if cfg.shard_store else None}
 
 
 def strategy(cfg):

@@ -188,8 +188,15 @@ class RunConfig:
     strategy: str = knob("default", "tf.distribute strategy", choices=STRATEGIES, group="scaling out")
     logical_cpus: int = knob(0, "split the CPU into N logical devices (with --strategy mirrored: N replicas on a "
                              "CPU host)", minimum=0, group="scaling out", metavar="N")
-    data_service: str | None = knob(None, "tf.data service dispatcher that decodes for training (tfdata only)",
+    data_service: str | None = knob(None, "tf.data service dispatcher that decodes for training (tfdata) or for "
+                                    "the feature pass (featcache: each task's shard, a job of its own)",
                                     group="scaling out", metavar="grpc://HOST:PORT")
+    shard_store: str | None = knob(None, "--strategy multiworker, featcache and cutcache: each task streams its own "
+                                   "shard of the files through the frozen pass, then the tasks share them through "
+                                   "this folder, which every task must see (a shared filesystem; each shard written "
+                                   "atomically), instead of the strategy's all-gather (the default, which holds "
+                                   "every shard in each task's memory at once); other pipelines ignore it",
+                                   group="scaling out", metavar="DIR")
     peer_timeout: float = knob(300.0, "--strategy multiworker: seconds to wait for every peer to start before "
                                "giving up", minimum=1, group="scaling out", metavar="S")
     slurm_port: int = knob(8888, "--strategy multiworker under SLURM (srun, no TF_CONFIG): port of each node's first "
@@ -207,10 +214,14 @@ class RunConfig:
             raise UserError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}")
         if not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if self.data_service and self.pipeline != "tfdata":
-            raise UserError(f"--data-service works with --pipeline tfdata only, not {self.pipeline}")
+        if self.data_service and self.pipeline not in ("tfdata", "featcache"):
+            raise UserError(f"--data-service works with --pipeline tfdata (training input) and featcache (its feature "
+                            f"pass) only, not {self.pipeline}")
         if self.data_service:
             data_service_address(self.data_service)
+        if self.shard_store and self.strategy != "multiworker":
+            raise UserError(f"--shard-store shares the feature pass of a --strategy multiworker run's tasks, not of "
+                            f"--strategy {self.strategy}; add --strategy multiworker or drop --shard-store")
         if self.engine == "openvino":
             if self.pipeline not in ("featcache", "cutcache"):
                 raise UserError(f"--engine openvino runs featcache's frozen feature pass (and cutcache's pass to the "

@@ -16,6 +16,8 @@ import re
 import socket
 import uuid
 
+import numpy as np
+
 from . import cluster
 from .cluster import tf_config  # noqa: F401  (the TF_CONFIG check lives with the rest of the cluster code)
 from .config import RunConfig, data_service_address
@@ -75,6 +77,42 @@ def strategy(cfg: RunConfig) -> "tf.distribute.Strategy":
     return tf.distribute.get_strategy()
 
 
+# Bytes per task in one all-gather call: gRPC refuses messages over 2 GB, and every call's result
+# (tasks x this) is held twice while it is copied out.
+GATHER_CHUNK_BYTES = 64 * 2**20
+
+
+def all_gather(strategy: "tf.distribute.Strategy", array: np.ndarray,
+               chunk_bytes: int = GATHER_CHUNK_BYTES) -> np.ndarray:
+    """Every task's ``array`` (the same shape and dtype on each) concatenated along axis 0 in task
+    order (the replicas' order: the chief first), on every task: the strategy's collective
+    all-gather (``ReplicaContext.all_gather``), in calls of at most ``chunk_bytes`` rows per task.
+    A task with several local replicas (GPUs) sends its rows from the first one only."""
+    array = np.ascontiguousarray(array)
+    local = len(strategy.extended.worker_devices)
+    tasks = strategy.num_replicas_in_sync // local
+    rows = len(array)
+    step = max(1, chunk_bytes // max(1, array[:1].nbytes)) if rows else 1
+    out = np.empty((tasks * rows, *array.shape[1:]), array.dtype)
+
+    @tf.function
+    def gather(values):
+        # tf.identity places the value on the replica's device: all_gather refuses a tensor with no
+        # device (what a tf.function's argument is), "destinations can not be empty".
+        return strategy.run(lambda v: tf.distribute.get_replica_context().all_gather(tf.identity(v), axis=0),
+                            args=(values,))
+
+    for start in range(0, max(rows, 1), step):
+        part = array[start:start + step]
+        values = strategy.experimental_distribute_values_from_function(
+            lambda ctx, part=part: tf.constant(part if ctx.replica_id_in_sync_group % local == 0 else part[:0]))
+        got = strategy.experimental_local_results(gather(values))[0].numpy()
+        n = len(part)
+        for t in range(tasks):
+            out[t * rows + start:t * rows + start + n] = got[t * n:(t + 1) * n]
+    return out
+
+
 # --- tf.data service ---------------------------------------------------------------------------
 
 def _reachable(host: str, port: int, timeout: float = 5.0) -> bool:
@@ -102,8 +140,10 @@ def job_name(cfg: RunConfig) -> str:
     return f"flowers_fast-{uuid.uuid4().hex[:12]}"
 
 
-def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig) -> "tf.data.Dataset":
-    """Run ``ds`` (the training pipeline) on tf.data service workers when --data-service is set.
+def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig, job: str = "") -> "tf.data.Dataset":
+    """Run ``ds`` (the training pipeline, or featcache's feature stream) on tf.data service workers
+    when --data-service is set; ``job`` names a job of its own within the run (a feature pass
+    shard's: each task reads only its own).
 
     Everything before this call runs on the workers: they read the files by the same paths
     as this process, so the data must be at the same path on every worker host."""
@@ -114,7 +154,8 @@ def maybe_data_service(ds: "tf.data.Dataset", cfg: RunConfig) -> "tf.data.Datase
         raise UserError(f"--data-service {cfg.data_service}: no dispatcher answers at {host}:{port}; start one with "
                         f"{invoked('bench')} dataservice dispatcher --port {port}, and at least one worker")
     return ds.apply(tf.data.experimental.service.distribute(
-        processing_mode=PROCESSING_MODE, service=cfg.data_service, job_name=job_name(cfg)))
+        processing_mode=PROCESSING_MODE, service=cfg.data_service,
+        job_name=job_name(cfg) + (f"-{job}" if job else "")))
 
 
 def _port(port: int, what: str) -> int:

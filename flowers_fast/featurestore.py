@@ -6,6 +6,10 @@ image size and decoding, and every file with its size and modification time. A l
 the same key loads them instead of running the feature pass, which makes tuning the head
 (learning rate, epochs) nearly free. Any change to the model, the engine, the precision or a
 single file gives a new key, so a stale file is never read.
+
+A multiworker run with ``--shard-store`` also shares its sharded feature pass through a folder that
+every task sees (:func:`save_shard`, :func:`load_shards`): each task's shard is one file under
+the run's id, complete only once its atomic rename lands.
 """
 
 from __future__ import annotations
@@ -14,13 +18,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import RunConfig
-from .errors import OutputError
+from .errors import ClusterError, OutputError
 from .outputs import atomic_open, atomic_write
 
 FORMAT = 1  # bump when the decoding or the stored layout changes
@@ -107,3 +113,66 @@ def save(cache: Path, digest: str, parts: dict, files, features: np.ndarray, pre
         raise OutputError(f"--reuse-features: cannot write {p} ({exc.strerror or exc}); free disk space or pass "
                           "another --cache-dir") from None
     return p
+
+
+# --- a multiworker run's shards, in a folder every task sees (--shard-store) -----------------------
+
+def shard_path(folder, run: str, part: str, index: int, tasks: int) -> Path:
+    """Where task ``index`` of ``tasks`` keeps its shard of ``part`` (train, test) for run ``run``.
+    Only the final name counts: atomic_open writes beside it under another (``*.tmp``)."""
+    return Path(folder) / f"run-{run}" / f"{part}-{index}-of-{tasks}.npz"
+
+
+def save_shard(folder, run: str, part: str, index: int, tasks: int, positions: np.ndarray,
+               rows: np.ndarray) -> Path:
+    """Task ``index``'s rows of ``part`` and their positions in the split, written atomically: the
+    file appears whole, at its name, or not at all (a task that dies mid-write leaves only a ``.tmp``)."""
+    p = shard_path(folder, run, part, index, tasks)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(p, "wb") as f:
+            np.savez(f, positions=np.asarray(positions, np.int64), rows=rows, index=np.asarray(index),
+                     tasks=np.asarray(tasks))
+    except OSError as exc:
+        raise OutputError(f"--shard-store {folder}: cannot write {p} ({exc.strerror or exc}); free disk space or "
+                          "pass another folder that every task sees") from None
+    return p
+
+
+def _read_shard(p: Path, index: int, tasks: int) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(p, allow_pickle=False) as stored:
+            if int(stored["index"]) != index or int(stored["tasks"]) != tasks:
+                return None
+            return stored["positions"], stored["rows"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # not there yet (or not visible yet on a network filesystem), or not whole
+
+
+def load_shards(folder, run: str, part: str, tasks: int, timeout: float,
+                poll: float = 0.2) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every task's shard of ``part``, in task order, each (positions, rows). A shard counts only
+    when its file reads whole under its final name; waits up to ``timeout`` seconds for all of
+    them (every task has written its own before the tasks meet, so this only waits for the
+    filesystem to show them), then a one-line ClusterError naming the shards still missing."""
+    end = time.monotonic() + timeout
+    got: dict[int, tuple] = {}
+    while True:
+        for i in range(tasks):
+            if i not in got:
+                shard = _read_shard(shard_path(folder, run, part, i, tasks), i, tasks)
+                if shard is not None:
+                    got[i] = shard
+        if len(got) == tasks:
+            return [got[i] for i in range(tasks)]
+        if time.monotonic() >= end:
+            missing = ", ".join(str(i) for i in range(tasks) if i not in got)
+            raise ClusterError(f"--shard-store {folder}: the {part} shard of task {missing} is not complete in "
+                               f"{shard_path(folder, run, part, 0, tasks).parent} after {timeout:g} s "
+                               "(--peer-timeout); does every task see the same folder?")
+        time.sleep(poll)
+
+
+def remove_run(folder, run: str) -> None:
+    """The run's shards, once every task has read them."""
+    shutil.rmtree(Path(folder) / f"run-{run}", ignore_errors=True)

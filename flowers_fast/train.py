@@ -301,7 +301,7 @@ def _fit(model, cfg: RunConfig, train_x, train_y, batch_size, callbacks,
          epochs: tuple[int, int] | None = None) -> None:
     """Epochs ``epochs`` (first, end), by default 0..--epochs."""
     first, end = epochs or (0, cfg.epochs)
-    if cfg.data_service:
+    if cfg.data_service and cfg.pipeline == "tfdata":  # (featcache's service feeds its pass, not the head)
         # A tf.data service epoch ends when its workers run dry, and with several service workers
         # or trainers the number of steps changes from epoch to epoch. Keras fixes the count after
         # the first epoch, then ends training early ("Your input ran out of data", a warning) or

@@ -318,6 +318,8 @@ CASES = [
     Case("data-service-malformed", ("train", "--data-service", "localhost"), 2, "--data-service"),
     Case("data-service-naive", ("train", "--pipeline", "naive", "--data-service", "grpc://localhost:5050"), 2,
          "--data-service"),
+    Case("shard-store-without-multiworker", ("train", "--pipeline", "featcache", "--shard-store", "{ws}/s"), 2,
+         "--shard-store", "add --strategy multiworker"),
     Case("data-dir-and-other-dataset", ("train", "--dataset", "tfds", "--data-dir", "{ws}/d"), 2, "--data-dir",
          setup=_folder("d")),
     Case("featcache-fine-tune", ("train", "--pipeline", "featcache", "--fine-tune"), 2, "--fine-tune"),

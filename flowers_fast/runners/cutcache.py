@@ -15,13 +15,13 @@ from .. import engine, pipeline, train
 from .. import model as models
 from ..errors import UnsupportedError
 from ..tfkeras import tf
-from .featcache import feature_cosine, stream_features
+from .featcache import feature_cosine, pass_features
 
 
 def run(ctx: train.RunContext) -> train.RunResult:
     cfg, row, split = ctx.cfg, ctx.row, ctx.split
     cut = models.cut_parts(ctx.backbone, cfg.image_size)
-    k = max(cfg.augment_views, 1)
+    k = max(cfg.augment_views, 1)  # --augment-views: k activations per training image
     _check_memory(cut, len(split.train_files) * k + len(split.test_files))
     eng = engine.make(cfg.engine, cut.bottom, cfg.precision, ctx.backbone.compute_dtype)
     start = time.perf_counter()
@@ -31,18 +31,22 @@ def run(ctx: train.RunContext) -> train.RunResult:
         start = time.perf_counter()
         row.update(cut_cosine_vs_fp32=feature_cosine(ctx, eng, engine.make("tf", cut.bottom)),
                    cut_check_s=time.perf_counter() - start)
+    # Under --strategy multiworker each task streams its shard; the tasks then share the activations.
     views = cfg.augment_views > 0
-    train_a = stream_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
-    test_a = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
+    train_a = pass_features(ctx, eng, split.train_files, split.train_labels, "train",
+                            (k, *cut.shape) if views else cut.shape, np.float16, views=views)
+    test_a = pass_features(ctx, eng, split.test_files, split.test_labels, "test", cut.shape, np.float16)
     skipped = sorted(set(split.train_files) - set(train_a.files)) + sorted(set(split.test_files) - set(test_a.files))
     train._record_prep(ctx, 0.0, len(train_a.files), len(test_a.files), skipped, "RGB")  # decoded in the pass
-    cut_pass = eng.setup_s + warm + train_a.seconds
+    cut_pass = eng.setup_s + warm + train_a.seconds + train_a.shared_s
     row.update(engine_setup_s=eng.setup_s, cut_pass_precision=eng.precision, cut_cache_layer=cut.name,
                cut_cache_shape="x".join(map(str, cut.shape)),
                cut_cache_dtype=str(train_a.features.dtype), feature_batch=cfg.feature_batch,
                cut_cache_mb=(train_a.features.nbytes + test_a.features.nbytes) / 2**20,
                cut_pass_warmup_s=warm, cut_pass_s=train_a.seconds, test_cut_pass_s=test_a.seconds,
-               cut_pass_img_s=len(train_a.files) * k / train_a.seconds, feature_pass_images=len(train_a.files) * k)
+               cut_pass_img_s=train_a.passed / train_a.seconds, feature_pass_images=train_a.passed,
+               test_feature_pass_images=test_a.passed, feature_share_s=train_a.shared_s,
+               test_feature_share_s=test_a.shared_s)
     # The head phase: the top is frozen, so its features are computed once (as featcache's) and
     # only the head trains; the fine-tune phase then trains the top and that head on the activations.
     start = time.perf_counter()
@@ -70,7 +74,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
                                          extra_s=cut_pass + top_pass, fine_tune_on=on_activations)
     # As featcache: an image costs its pass plus its epochs; evaluating from images includes the test pass.
     row["end_to_end_img_s"] = n_train * (cfg.epochs + cfg.fine_tune_epochs) / (cut_pass + top_pass + row["train_s"])
-    row["eval_s"] += test_a.seconds + test_top_pass
+    row["eval_s"] += test_a.seconds + test_a.shared_s + test_top_pass
     row["eval_img_s"] = n_test / row["eval_s"]
     row["decode_img_s"] = float("nan")
     return train.RunResult(row, final["model"], y_true=y_true, y_pred=y_pred, test_files=test_a.files)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
-from .. import engine, featurestore, metrics, mobilenet, pipeline, profiling, quantize, train
+from .. import cluster, distribute, engine, featurestore, metrics, mobilenet, pipeline, profiling, quantize, shard
+from .. import train
 from .. import model as models
 from ..tfkeras import keras
 
@@ -23,7 +25,13 @@ class Features:
     features: np.ndarray
     labels: np.ndarray
     files: tuple  # the files that decoded, aligned with the rows
-    seconds: float
+    seconds: float  # this task's pass
+    passed: int = -1  # images this task ran through the pass (-1: all of ``files``)
+    shared_s: float = 0.0  # --strategy multiworker: sharing the tasks' shards, after this task's pass
+
+    def __post_init__(self):
+        if self.passed < 0:
+            self.passed = len(self.files)
 
 
 def _feature_engine(ctx: train.RunContext) -> tuple[engine.Engine, float]:
@@ -73,29 +81,86 @@ def _int8_engine(ctx: train.RunContext, fn) -> engine.Engine:
     return eng
 
 
-def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str,
-                    views: bool = False) -> Features:
+def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str, check: bool = True,
+                    row_shape: tuple | None = None, dtype=np.float32, views: bool = False) -> Features:
     """Decode ``files`` and run them through ``eng`` in one overlapped stream (see
-    pipeline.feature_stream): nothing but the features is kept. ``views``: --augment-views
-    augmented views of each file, in a row; the features are then (files, views, ...)."""
+    pipeline.feature_stream): nothing but the features is kept. ``check=False``: the files that did
+    not decode are the caller's to check (a shard's); ``row_shape``/``dtype``: of one output (for an
+    empty result). ``views``: --augment-views augmented views of each file, in a row; each file's
+    features are then (views, ...)."""
     cfg = ctx.cfg
     k = cfg.augment_views if views else 1
-    augment = models.augmentation(cfg.seed) if views else None
-    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch, augment)
+    stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch,
+                                     models.augmentation(cfg.seed) if views else None)
+    if ctx.cfg.pipeline == "featcache" and cfg.data_service:  # decoded on the service's workers
+        member = cluster.current() if cfg.strategy == "multiworker" else None
+        stream = distribute.maybe_data_service(stream, cfg, f"{part}-pass" + (f"-{member.rank}" if member else ""))
     steps = -(-len(files) * k // cfg.feature_batch)
     batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
                tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
     start = time.perf_counter()
     out = eng.run(batches)
     seconds = time.perf_counter() - start
-    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)[::k]
-    pipeline.undecodable(files, kept, cfg.strict, part)
-    dim = ctx.backbone.feature_dim
-    feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, dim), np.float32)
+    kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)[::k]  # a file's views are in a row
+    if check:
+        pipeline.undecodable(files, kept, cfg.strict, part)
+    shape = row_shape or (ctx.backbone.feature_dim,)
+    feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, *shape), dtype)
     y = np.concatenate([y for _, (y, _) in out])[::k] if out else np.zeros(0, np.int32)
-    if views:
+    if views and out:
         feats = feats.reshape(len(kept), k, *feats.shape[1:])
-    return Features(feats, y, kept, seconds)
+    # In the files' order (the tf.data service's workers hand batches back in any order).
+    where = {f: i for i, f in enumerate(files)}
+    order = np.argsort([where[f] for f in kept], kind="stable")
+    return Features(feats[order], y[order], tuple(kept[i] for i in order), seconds, passed=len(kept) * k)
+
+
+def pass_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str,
+                  row_shape: tuple | None = None, dtype=np.float32, views: bool = False) -> Features:
+    """``stream_features`` over the whole part; under ``--strategy multiworker`` each task streams
+    only its shard (``shard.positions``) and the tasks then share their rows (``--shard-store``'s
+    folder, else the strategy's all-gather), so that every task ends with all of the part's
+    features in file order, as one process would have them."""
+    if ctx.cfg.strategy != "multiworker":
+        return stream_features(ctx, eng, files, labels, part, row_shape=row_shape, dtype=dtype, views=views)
+    cfg, member = ctx.cfg, cluster.current()
+    files, labels = list(files), np.asarray(labels)
+    tasks, index, n = member.workers, member.rank, len(files)
+    mine = shard.positions(n, tasks, index)
+    how = f"the shared folder {cfg.shard_store}" if cfg.shard_store else "all-gather"
+    print(f"flowers_fast: {member.label}: {part} feature pass over {len(mine)} of {n} images (shard {index} of "
+          f"{tasks}), then shared by {how}", file=sys.stderr, flush=True)
+    own = stream_features(ctx, eng, [files[p] for p in mine], labels[mine], part, check=False, row_shape=row_shape,
+                          dtype=dtype, views=views)
+    start = time.perf_counter()
+    decoded = set(own.files)
+    kept = np.asarray([files[p] in decoded for p in mine], bool)
+    if cfg.shard_store:
+        run = cluster.run_id
+        featurestore.save_shard(cfg.shard_store, run, part, index, tasks, mine[kept], own.features)
+        agree(ctx, True)  # every task has written its shard (or a peer's loss ends this as one line)
+        rows, where = shard.merge(featurestore.load_shards(cfg.shard_store, run, part, tasks, cfg.peer_timeout), n)
+        agree(ctx, True)  # every task has read them all
+        if member.is_chief:
+            featurestore.remove_run(cfg.shard_store, run)
+    else:
+        block, mask = shard.block(own.features, kept, n, tasks)
+        rows, where = shard.unblock(distribute.all_gather(ctx.strategy, block),
+                                    distribute.all_gather(ctx.strategy, mask), n, tasks)
+    shared_s = time.perf_counter() - start
+    got = tuple(files[p] for p in where)
+    pipeline.undecodable(files, got, cfg.strict, part)  # on the whole part, the same on every task
+    print(f"flowers_fast: {member.label}: {part} features of {len(got)} images shared in {shared_s:.1f} s",
+          file=sys.stderr, flush=True)
+    return Features(rows, labels[where].astype(np.int32), got, own.seconds, passed=own.passed, shared_s=shared_s)
+
+
+def agree(ctx: train.RunContext, flag: bool) -> bool:
+    """Whether ``flag`` holds on every task (a collective: each task must call it at the same point);
+    outside a multiworker run, ``flag``."""
+    if ctx.cfg.strategy != "multiworker":
+        return flag
+    return bool(distribute.all_gather(ctx.strategy, np.asarray([int(flag)], np.int32)).min())
 
 
 def stored_features(stored: dict, files, labels, strict: bool, part: str) -> Features:
@@ -113,12 +178,14 @@ def run(ctx: train.RunContext) -> train.RunResult:
     With ``reuse_features``, features stored by an earlier run with the same key are loaded instead."""
     cfg, row, split = ctx.cfg, ctx.row, ctx.split
     digest, parts, stored = "", {}, None
-    views, dim = cfg.augment_views > 0, ctx.backbone.feature_dim
+    views = cfg.augment_views > 0
     if cfg.reuse_features:
         digest, parts = featurestore.key(cfg, ctx.backbone.handle, ctx.backbone.compute_dtype,
                                          split.train_files + split.test_files)
         start = time.perf_counter()
         stored = featurestore.load(ctx.cache, digest)
+        if not agree(ctx, stored is not None):  # a multiworker run's tasks all load, or all run the pass
+            stored = None
     if stored is not None:
         train_f = stored_features(stored[0], split.train_files, split.train_labels, cfg.strict, "train")
         test_f = stored_features(stored[0], split.test_files, split.test_labels, cfg.strict, "test")
@@ -132,22 +199,23 @@ def run(ctx: train.RunContext) -> train.RunResult:
             row["feature_cosine_vs_fp32"] = stored[2]
     else:
         eng, warm = _feature_engine(ctx)
-        train_f = stream_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
-        test_f = stream_features(ctx, eng, split.test_files, split.test_labels, "test")
-        precision, pass_rate = eng.precision, len(train_f.features.reshape(-1, dim)) / train_f.seconds
+        train_f = pass_features(ctx, eng, split.train_files, split.train_labels, "train", views=views,
+                                row_shape=(cfg.augment_views, ctx.backbone.feature_dim) if views else None)
+        test_f = pass_features(ctx, eng, split.test_files, split.test_labels, "test")
+        precision, pass_rate = eng.precision, train_f.passed / train_f.seconds
         row.update(engine_setup_s=eng.setup_s)
     skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
     # Decoding happens inside the feature pass: there is no separate preparation step.
     train._record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
-    feature_pass = row["engine_setup_s"] + warm + train_f.seconds
+    feature_pass = row["engine_setup_s"] + warm + train_f.seconds + train_f.shared_s
+    passed = (0, 0) if stored is not None else (train_f.passed, test_f.passed)
     row.update(compute_dtype=precision, feature_batch=cfg.feature_batch, feature_pass_warmup_s=warm,
-               feature_pass_s=train_f.seconds,
+               feature_pass_s=train_f.seconds, feature_pass_images=passed[0], test_feature_pass_images=passed[1],
+               feature_share_s=train_f.shared_s, test_feature_share_s=test_f.shared_s,
                feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
                features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
     train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
                                                   cfg, ctx.global_batch, cfg.augment_views)
-    # A pass over views covers each image K times: the row says how many images went through it.
-    row["feature_pass_images"] = len(train_f.features.reshape(-1, dim))
 
     def build():
         keras.utils.set_random_seed(cfg.seed)
@@ -174,7 +242,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
     # End to end, an image costs its feature pass plus its head epochs.
     row["end_to_end_img_s"] = n_train * cfg.epochs / (feature_pass + row["train_s"])
     # Evaluating from images includes computing the test images' features.
-    row["eval_s"] += test_f.seconds
+    row["eval_s"] += test_f.seconds + test_f.shared_s
     row["eval_img_s"] = n_test / row["eval_s"]
     row["decode_img_s"] = float("nan")
     if cfg.breakdown:
