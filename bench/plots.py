@@ -36,7 +36,7 @@ from flowers_fast.figures import save_figure
 
 from .results import DEVICE_ORDER, ORDER, median_runs, medians, normalise, ordered, values
 
-PARTS = (("prep", "data preparation", "#8172B2"), ("feature", "feature pass (frozen backbone, once)", "#64B5CD"),
+PARTS = (("prep", "data preparation", "#8172B2"), ("feature", "frozen pass, once (featcache: backbone; cutcache: bottom to the cut, and top)", "#64B5CD"),
          ("first", "epoch 1 (tracing, cache fill)", "#DD8452"), ("later", "epochs 2..N", "#4C72B0"),
          ("fine", "fine-tune phase (top of the backbone trained)", "#C44E52"))
 STAGE_COLOURS = {"input": "#8172B2", "model": "#C44E52", "shared": "#BBBBBB", "e2e": "#4C72B0", "head": "#55A868"}
@@ -124,7 +124,9 @@ def _parts(run: pd.Series) -> dict[str, float]:
         v = pd.to_numeric(run.get(col, np.nan), errors="coerce")
         return 0.0 if pd.isna(v) else float(v)
     prep = num("data_prep_s")
-    feature = num("feature_pass_warmup_s") + num("feature_pass_s")
+    # cutcache's pass to the cut (and the frozen top's features of the head phase) runs once, as featcache's.
+    feature = num("feature_pass_warmup_s") + num("feature_pass_s") + num("cut_pass_warmup_s") + num("cut_pass_s") \
+        + num("cut_top_pass_s")
     first = num("first_epoch_s")
     train = num("train_s") or max(num("total_s") - prep - feature, 0.0)
     fine = min(num("fine_tune_phase_s"), train)  # the second phase's epochs, after the frozen head's

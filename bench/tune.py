@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import textwrap
 import statistics
 import sys
 import time
@@ -52,10 +53,10 @@ from flowers_fast.errors import INTERRUPTED_EXIT_CODE, DataError, UserError, inv
 from flowers_fast.outputs import Outputs
 
 from . import configs as configs_mod
-from . import machine
+from . import machine, plots
 from . import run as bench_run
 from .recommend import accuracy_tolerance, recommend
-from .results import normalise
+from .results import normalise, values
 
 WORKER = "bench.worker"  # tests put a fake worker here
 # Every trial pays for what it measures: features or a quantized model stored by an earlier trial
@@ -405,7 +406,7 @@ def write_plot(rows: list[dict], finalists: list[str], medians: dict, path: Path
     import matplotlib.ticker
 
     first = sorted((r for r in rows if r.get("phase") != "finalist"), key=lambda r: int(r["trial"]))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     xs, best, bests = [], math.inf, []
     for r in first:
         if r.get("status") == "ok" and r["name"] in acceptable:
@@ -414,8 +415,13 @@ def write_plot(rows: list[dict], finalists: list[str], medians: dict, path: Path
         bests.append(best if math.isfinite(best) else float("nan"))
     ax.step(xs, bests, where="post", color="#4C72B0", label="best so far (within the accuracy tolerance)")
     ok = [r for r in first if r.get("status") == "ok"]
-    ax.scatter([int(r["trial"]) for r in ok], [float(r["total_s"]) for r in ok], s=18, color="#8C8C8C",
+    within = [r for r in ok if r["name"] in acceptable]
+    outside = [r for r in ok if r["name"] not in acceptable]
+    ax.scatter([int(r["trial"]) for r in within], [float(r["total_s"]) for r in within], s=18, color="#8C8C8C",
                label="trial (one measurement)", zorder=3)
+    if outside:  # faster perhaps, but less accurate than the tolerance allows: never the best
+        ax.scatter([int(r["trial"]) for r in outside], [float(r["total_s"]) for r in outside], s=22,
+                   facecolors="none", edgecolors="#8C8C8C", label="trial outside the accuracy tolerance", zorder=3)
     pruned = [r for r in first if r.get("status") == "pruned"]
     if pruned and bests:
         top = max(float(r["total_s"]) for r in ok) if ok else 1.0
@@ -435,7 +441,15 @@ def write_plot(rows: list[dict], finalists: list[str], medians: dict, path: Path
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("time to a trained model, total_s (s)")
-    ax.set_title("bench tune: best so far")
+    # What it was measured on, as bench run's plots say it: data, weights, CPU and its ISA flags.
+    frame = pd.DataFrame(rows)
+    ok_rows = frame[frame.get("status", pd.Series(dtype=str)) == "ok"] if "status" in frame else frame
+    where = " | ".join(values(ok_rows, c) for c in ("device", "cpu_brand") if c in ok_rows)
+    if "cpu_isa" in ok_rows:
+        where += f" | ISA: {values(ok_rows, 'cpu_isa')}"
+    data = plots._subtitle(frame) if {"status", "pipeline"} <= set(frame.columns) else ""
+    ax.set_title("\n".join(["bench tune: best so far", *textwrap.wrap(data, 100), *textwrap.wrap(where, 100)]),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
