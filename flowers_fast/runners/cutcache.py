@@ -33,8 +33,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
                    cut_check_s=time.perf_counter() - start)
     # Under --strategy multiworker each task streams its shard; the tasks then share the activations.
     views = cfg.augment_views > 0
-    train_a = pass_features(ctx, eng, split.train_files, split.train_labels, "train",
-                            (k, *cut.shape) if views else cut.shape, np.float16, views=views)
+    train_a = pass_features(ctx, eng, split.train_files, split.train_labels, "train", cut.shape, np.float16,
+                            views=views)
     test_a = pass_features(ctx, eng, split.test_files, split.test_labels, "test", cut.shape, np.float16)
     skipped = sorted(set(split.train_files) - set(train_a.files)) + sorted(set(split.test_files) - set(test_a.files))
     train._record_prep(ctx, 0.0, len(train_a.files), len(test_a.files), skipped, "RGB")  # decoded in the pass

@@ -87,7 +87,7 @@ def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, pa
     pipeline.feature_stream): nothing but the features is kept. ``check=False``: the files that did
     not decode are the caller's to check (a shard's); ``row_shape``/``dtype``: of one output (for an
     empty result). ``views``: --augment-views augmented views of each file, in a row; each file's
-    features are then (views, ...)."""
+    features are then (views, *row_shape)."""
     cfg = ctx.cfg
     k = cfg.augment_views if views else 1
     stream = pipeline.feature_stream(files, labels, cfg, cfg.feature_batch,
@@ -107,7 +107,7 @@ def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, pa
     shape = row_shape or (ctx.backbone.feature_dim,)
     feats = np.concatenate([f for f, _ in out]) if out else np.zeros((0, *shape), dtype)
     y = np.concatenate([y for _, (y, _) in out])[::k] if out else np.zeros(0, np.int32)
-    if views and out:
+    if views:  # (files x views, ...) -> (files, views, ...), an empty result too
         feats = feats.reshape(len(kept), k, *feats.shape[1:])
     # In the files' order (the tf.data service's workers hand batches back in any order).
     where = {f: i for i, f in enumerate(files)}
@@ -130,8 +130,8 @@ def pass_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part
     how = f"the shared folder {cfg.shard_store}" if cfg.shard_store else "all-gather"
     print(f"flowers_fast: {member.label}: {part} feature pass over {len(mine)} of {n} images (shard {index} of "
           f"{tasks}), then shared by {how}", file=sys.stderr, flush=True)
-    own = stream_features(ctx, eng, [files[p] for p in mine], labels[mine], part, check=False, row_shape=row_shape,
-                          dtype=dtype, views=views)
+    own = stream_features(ctx, eng, shard.take(files, tasks, index), labels[mine], part, check=False,
+                          row_shape=row_shape, dtype=dtype, views=views)
     start = time.perf_counter()
     decoded = set(own.files)
     kept = np.asarray([files[p] in decoded for p in mine], bool)
@@ -199,8 +199,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
             row["feature_cosine_vs_fp32"] = stored[2]
     else:
         eng, warm = _feature_engine(ctx)
-        train_f = pass_features(ctx, eng, split.train_files, split.train_labels, "train", views=views,
-                                row_shape=(cfg.augment_views, ctx.backbone.feature_dim) if views else None)
+        train_f = pass_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
         test_f = pass_features(ctx, eng, split.test_files, split.test_labels, "test")
         precision, pass_rate = eng.precision, train_f.passed / train_f.seconds
         row.update(engine_setup_s=eng.setup_s)
