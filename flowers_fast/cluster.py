@@ -56,11 +56,15 @@ class Cluster:
         return self.task == self.chief
 
     @property
+    def trainers(self) -> list[tuple]:
+        """The tasks that train, (job, index) each, the chief first."""
+        cluster = self.conf["cluster"]
+        return [(job, i) for job in ("chief", "worker") for i in range(len(cluster.get(job, [])))]
+
+    @property
     def rank(self) -> int:
         """This task's place among the tasks that train, the chief first (its shard of a sharded pass)."""
-        cluster = self.conf["cluster"]
-        tasks = [(job, i) for job in ("chief", "worker") for i in range(len(cluster.get(job, [])))]
-        return tasks.index(self.task)
+        return self.trainers.index(self.task)
 
     @property
     def folder(self) -> str:
@@ -309,8 +313,7 @@ def _only_peer() -> str | None:
     """The other task of a two-task cluster (TensorFlow's message may not name the one it lost)."""
     if _current is None or not _current.conf:
         return None
-    others = [f"{job} {i}" for job, hosts in _current.conf.get("cluster", {}).items() if job in ("chief", "worker")
-              for i in range(len(hosts)) if (job, i) != tuple(_current.task)]
+    others = [f"{job} {i}" for job, i in _current.trainers if (job, i) != tuple(_current.task)]
     return others[0] if len(others) == 1 else None
 
 
