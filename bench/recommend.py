@@ -46,12 +46,13 @@ def noise_points(df: pd.DataFrame, device: str, accuracies: pd.Series) -> tuple[
     return 200.0 * math.sqrt(2.0 * p * (1.0 - p) / n), int(n)
 
 
-def accuracy_tolerance(df: pd.DataFrame, device: str, accuracies: pd.Series, max_acc_drop: float = 1.0,
-                       noise_margin: bool = True) -> tuple[float, float, int]:
-    """(tolerance in accuracy points, the noise margin, test images): how far below the best
-    accuracy a configuration may be and still count (``recommend``'s, and ``bench tune``'s gate)."""
-    noise, n_test = noise_points(df, device, accuracies) if noise_margin else (0.0, 0)
-    return max(max_acc_drop, noise), noise, n_test
+def accurate_enough(df: pd.DataFrame, device: str, rows: pd.DataFrame, max_acc_drop: float = 1.0,
+                    noise_margin: bool = True) -> tuple[pd.DataFrame, float, float, int]:
+    """(the ``rows`` within the tolerance of their best ``acc_pct``, the tolerance in accuracy points,
+    the noise margin, test images): ``recommend``'s accuracy gate, and ``bench tune``'s."""
+    noise, n_test = noise_points(df, device, rows["acc_pct"]) if noise_margin else (0.0, 0)
+    tolerance = max(max_acc_drop, noise)
+    return rows[rows["acc_pct"] >= rows["acc_pct"].max() - tolerance - 1e-9], tolerance, noise, n_test
 
 
 def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
@@ -75,8 +76,7 @@ def recommend(df: pd.DataFrame, device: str, max_acc_drop: float = 1.0,
     column, larger, words, unit = OBJECTIVES[objective]
     best_acc = done["acc_pct"].max()
     top = done.loc[done["acc_pct"].idxmax(), "name"]
-    tolerance, noise, n_test = accuracy_tolerance(df, device, done["acc_pct"], max_acc_drop, noise_margin)
-    keep = done[done["acc_pct"] >= best_acc - tolerance - 1e-9]
+    keep, tolerance, noise, n_test = accurate_enough(df, device, done, max_acc_drop, noise_margin)
     dropped = done[~done.index.isin(keep.index)]
     scored = keep[keep[column].notna()]
     if scored.empty:

@@ -55,7 +55,7 @@ from flowers_fast.outputs import Outputs
 from . import configs as configs_mod
 from . import machine, plots
 from . import run as bench_run
-from .recommend import accuracy_tolerance, recommend
+from .recommend import accurate_enough, recommend
 from .results import normalise, values
 
 WORKER = "bench.worker"  # tests put a fake worker here
@@ -226,8 +226,8 @@ class Tuner:
         df = self.ok_frame()
         if df.empty:
             return []
-        tolerance, _, _ = accuracy_tolerance(df, self.args.device, df["acc_pct"], self.args.max_acc_drop)
-        keep = df[df["acc_pct"] >= df["acc_pct"].max() - tolerance - 1e-9].sort_values("total_s", kind="mergesort")
+        keep = accurate_enough(df, self.args.device, df, self.args.max_acc_drop)[0].sort_values("total_s",
+                                                                                            kind="mergesort")
         names = set(keep["name"])
         rows = [r for r in self.results.rows if r.get("status") == "ok" and r["name"] in names]
         return sorted(rows, key=lambda r: float(r["total_s"]))
