@@ -10,7 +10,9 @@ with no inputs, without an error).
 
 OpenVINO runs with the THROUGHPUT hint (on 2 cores: 2 streams x 1 thread) and an
 ``AsyncInferQueue`` with as many requests as the plugin asks for, which keeps both streams busy
-and overlaps feeding with inference. Precision is asked with ``INFERENCE_PRECISION_HINT`` and
+and overlaps feeding with inference; ``--engine-streams 1`` runs one request on all threads (the
+LATENCY hint), which holds one stream's activations instead of two, and ``--engine-threads``
+caps the threads (the rest of the cores are left to decoding). Precision is asked with ``INFERENCE_PRECISION_HINT`` and
 read back from the executed graph, because the plugin silently runs float32 when bfloat16 is
 asked on a CPU without native bf16 (AVX512_BF16 or AMX). Measured on a 2-core AMD EPYC; see
 the README's results.
@@ -101,18 +103,19 @@ class Engine:
         return self.call(batch)
 
 
-def make(name: str, fn, precision: str = "fp32", compute_dtype: str = "float32", model=None) -> Engine:
+def make(name: str, fn, precision: str = "fp32", compute_dtype: str = "float32", model=None, streams: int = 0,
+         threads: int = 0) -> Engine:
     """An engine for ``fn`` (a ``tf.function`` with an ``input_signature``). ``precision`` is the
     --precision knob; for ``tf`` the function already carries its precision (``compute_dtype``).
-    ``model``: OpenVINO only, an ``openvino.Model`` of ``fn`` to run instead of converting it
-    (the quantized one, for int8)."""
+    OpenVINO only: ``model``, an ``openvino.Model`` of ``fn`` to run instead of converting it
+    (the quantized one, for int8); ``streams``/``threads``, --engine-streams and --engine-threads."""
     if name == "tf":
         def call(batch):
             return fn(batch).numpy()
 
         return Engine("tf", compute_dtype, 0.0, call, lambda batches: [(call(b), m) for b, m in batches])
     if name == "openvino":
-        return _openvino(fn, precision, model)
+        return _openvino(fn, precision, model, streams, threads)
     raise ValueError(name)
 
 
@@ -142,12 +145,29 @@ def runtime_precision(compiled) -> str:
     return _DTYPES.get(precision, precision)
 
 
-def compile_model(model, precision: str = "fp32", hint: str = "THROUGHPUT"):
+def compile_model(model, precision: str = "fp32", streams: int = 0, threads: int = 0):
     """Compile for the CPU at ``precision`` (fp32 or mixed = bf16); the precision is always set,
-    since a bf16-capable CPU defaults to bf16."""
+    since a bf16-capable CPU defaults to bf16. ``streams``: 0 = the THROUGHPUT hint's choice, 1 =
+    the LATENCY hint (one request on every thread), N = N streams; ``threads``: 0 = every core."""
     check_precision(precision)
-    return core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": _HINTS[precision],
-                                               "PERFORMANCE_HINT": hint})
+    props = {"INFERENCE_PRECISION_HINT": _HINTS[precision], "PERFORMANCE_HINT": "LATENCY" if streams == 1 else
+             "THROUGHPUT"}
+    if streams > 1:
+        props["NUM_STREAMS"] = streams
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = threads
+    return core().compile_model(model, "CPU", props)
+
+
+def settings_text(eng: Engine) -> str:
+    """What the runtime chose for ``eng``, in a row's words ("" for TensorFlow): e.g.
+    "THROUGHPUT: 2 streams, 2 threads, 2 requests"."""
+    d = eng.details
+    if not d:
+        return ""
+    parts = [f"{d[k]} {word}" for k, word in (("NUM_STREAMS", "streams"), ("INFERENCE_NUM_THREADS", "threads"),
+                                               ("OPTIMAL_NUMBER_OF_INFER_REQUESTS", "requests")) if k in d]
+    return f"{d.get('PERFORMANCE_HINT', '?')}: {', '.join(parts)}"
 
 
 def _details(compiled) -> dict:
@@ -160,11 +180,11 @@ def _details(compiled) -> dict:
     return out
 
 
-def _openvino(fn, precision: str, model=None) -> Engine:
+def _openvino(fn, precision: str, model=None, streams: int = 0, threads: int = 0) -> Engine:
     ov = import_openvino()
     check_precision(precision)
     start = time.perf_counter()
-    compiled = compile_model(convert(fn) if model is None else model, precision)
+    compiled = compile_model(convert(fn) if model is None else model, precision, streams, threads)
     setup = time.perf_counter() - start
     request = compiled.create_infer_request()
     jobs = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))

@@ -249,18 +249,23 @@ def calibration_files(folder) -> list[Path]:
 
 def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASSIFIER, engine: str = "tf",
             precision: str = "fp32", cache: str | Path | None = None, calibration_dir: str | None = None,
-            calibration_images: int = 256, int8_min_cosine: float = 0.95, reuse_quantized: bool = True) -> Predictions:
+            calibration_images: int = 256, int8_min_cosine: float = 0.95, reuse_quantized: bool = True,
+            engine_streams: int = 0, engine_threads: int = 0) -> Predictions:
     """Class probabilities for ``images`` (files or folders) from a ``train --save`` checkpoint, or
     without one from the Hub ImageNet classifier ``model_handle`` (``random``: the offline stand-in).
     ``engine``/``precision`` as ``predict --engine/--precision``; int8 quantizes the whole model
     as ``train --precision int8`` does (quantize.py), on a seeded sample of ``calibration_dir``, checks
-    its outputs on others against float32 and stores it for the next call. Raises UserError
+    its outputs on others against float32 and stores it for the next call; ``engine_streams``/
+    ``engine_threads``: OpenVINO's (``--engine-streams``/``--engine-threads``). Raises UserError
     subclasses with a one-line message on bad input, before loading any model where it can."""
     from . import engine as engines
     from .download import cache_dir
 
     if engine == "tf" and precision in ("mixed", "int8"):
         raise UserError(f"--precision {precision}: predict runs reduced precision on --engine openvino")
+    if engine == "tf" and (engine_streams or engine_threads):
+        flag = "--engine-streams" if engine_streams else "--engine-threads"
+        raise UserError(f"{flag} sets OpenVINO's CPU plugin; add --engine openvino or drop {flag}")
     calibration = None
     if precision == "int8":
         if not calibration_dir:
@@ -302,9 +307,9 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
     fn = model_function(model, size, "uint8" if kind == "uint8" else "float")
     if calibration:
         eng = _int8_engine(fn, batch_of, calibration, checkpoint or handle, size, cache_root, calibration_dir,
-                           calibration_images, int8_min_cosine, reuse_quantized)
+                           calibration_images, int8_min_cosine, reuse_quantized, engine_streams, engine_threads)
     else:
-        eng = engines.make(engine, fn, precision)
+        eng = engines.make(engine, fn, precision, streams=engine_streams, threads=engine_threads)
     probs = []
     for start in range(0, len(images), PREDICT_BATCH):  # bounded memory however many images are given
         probs.extend(tf.nn.softmax(eng(batch_of(images[start:start + PREDICT_BATCH])), axis=-1).numpy())
@@ -314,7 +319,7 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
 
 
 def _int8_engine(fn, batch_of, files, model_path, size: int, cache: Path, folder, count: int, min_cosine: float,
-                 reuse: bool):
+                 reuse: bool, streams: int = 0, threads: int = 0):
     """OpenVINO on the whole model quantized by quantize.py (train's quantizer and store) on a
     seeded sample of ``files``; its outputs checked against float32 on others of them."""
     from . import engine as engines
@@ -339,7 +344,7 @@ def _int8_engine(fn, batch_of, files, model_path, size: int, cache: Path, folder
 
     return quantize.checked_engine(q, fn, cache, least_cosine, min_cosine, "outputs",
                                    f"{len(held_out)} images of --calibration-dir {folder}",
-                                   "calibrate on more images or use --precision fp32")[0]
+                                   "calibrate on more images or use --precision fp32", streams, threads)[0]
 
 
 def cmd_predict(args) -> int:

@@ -114,13 +114,14 @@ def quantized_model(convert, cfg: RunConfig, cache: Path, fingerprint: str, file
 
 
 def checked_engine(q: Quantized, fn, cache: Path, least_cosine, min_cosine: float, what: str, where: str,
-                   fix: str):
+                   fix: str, streams: int = 0, threads: int = 0):
     """(OpenVINO engine on ``q``'s model, its least cosine vs float32): never an engine labelled
     int8 that did not run int8, nor one whose cosine (the stored one, else ``least_cosine(engine)``)
-    is below ``min_cosine``; stored once it has passed. ``what``/``where``/``fix`` word the error."""
+    is below ``min_cosine``; stored once it has passed. ``what``/``where``/``fix`` word the error;
+    ``streams``/``threads``: the engine's (engine.make)."""
     from .engine import make
 
-    eng = make("openvino", fn, "int8", model=q.model)
+    eng = make("openvino", fn, "int8", model=q.model, streams=streams, threads=threads)
     if eng.precision != "int8":
         raise UnsupportedError(f"--precision int8: OpenVINO ran the quantized model's convolutions in {eng.precision}"
                                ", not int8; use --precision fp32")

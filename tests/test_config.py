@@ -54,7 +54,8 @@ def test_bench_run_offers_exactly_the_sweep_knobs():
 def test_predict_offers_the_engine_knobs_with_their_declared_choices():
     flags = _flags(cli.build_parser(), "predict")
     assert {f.name for f in knobs(PREDICT)} == {"engine", "precision", "calibration_images", "int8_min_cosine",
-                                                "reuse_quantized"}  # int8's, for predict --precision int8
+                                                "reuse_quantized",  # int8's, for predict --precision int8
+                                                "engine_streams", "engine_threads"}  # OpenVINO's
     for f in knobs(PREDICT):
         assert flags[flag_of(f)].choices == f.metadata["choices"] and flags[flag_of(f)].dest == f.name
 

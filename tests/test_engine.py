@@ -102,3 +102,30 @@ def test_flops_are_counted_without_tensorflows_private_freezing_function(small_m
     monkeypatch.setitem(sys.modules, "tensorflow.python.framework.convert_to_constants", None)  # import fails
     counted = metrics.forward_flops_per_image(backbone.layer, SIZE)
     assert counted != profiled and counted == pytest.approx(profiled, rel=0.05)
+
+
+@pytest.mark.parametrize("streams,threads,hint,want_streams,want_threads", [
+    (0, 0, "THROUGHPUT", None, None), (1, 0, "LATENCY", "1", None), (2, 0, "THROUGHPUT", "2", None),
+    (0, 1, "THROUGHPUT", None, "1")])
+def test_streams_and_threads_reach_openvino_and_the_row(feature_fn, images, streams, threads, hint, want_streams,
+                                                        want_threads):
+    eng = engine.make("openvino", feature_fn, "fp32", streams=streams, threads=threads)
+    d = eng.details
+    assert d["PERFORMANCE_HINT"] == hint
+    if want_streams:
+        assert d["NUM_STREAMS"] == want_streams
+    if want_threads:
+        assert d["INFERENCE_NUM_THREADS"] == want_threads
+    assert engine.settings_text(eng).startswith(f"{hint}: {d['NUM_STREAMS']} streams, ")
+    out = eng.run(batches(images, 16))  # every setting still gives every batch back, in order
+    assert [meta for _, meta in out] == [0, 16, 32]
+    assert engine.settings_text(engine.make("tf", feature_fn)) == ""
+
+
+@pytest.mark.parametrize("flag", ["engine_streams", "engine_threads"])
+def test_streams_and_threads_are_openvinos_only(flag):
+    from flowers_fast.errors import UserError
+
+    with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} sets OpenVINO's CPU plugin; add --engine openvino"):
+        RunConfig(pipeline="featcache", **{flag: 1})
+    RunConfig(pipeline="featcache", engine="openvino", **{flag: 1})

@@ -133,3 +133,20 @@ def test_predict_int8_bad_input_is_one_line(changes, error, needle, tmp_path):
         kwargs["calibration_dir"] = str(few)
     with pytest.raises(DataError if error == "DataError" else error, match=needle):
         predict.predict([tmp_path / "absent.jpg"], **kwargs)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_breakdown_compares_int8_with_the_float_routes_in_one_process(int8_cfg, cache, monkeypatch, bf16):
+    # Both branches on any CPU: with bf16 faked present, OpenVINO may run it as float32, which is
+    # still a rate to compare with.
+    from flowers_fast import engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: bf16)
+    row = train.run(int8_cfg.replace(breakdown=True, rate_seconds=0.3), cache, progress=False).row
+    floats = ["openvino_fp32"] + (["openvino_bf16"] if bf16 else [])
+    for name in floats:
+        assert row[f"{name}_forward_img_s"] > 0
+    assert ("openvino_bf16_forward_img_s" in row) is bf16
+    assert row["int8_fastest_float"] in floats
+    fastest = row[f"{row['int8_fastest_float']}_forward_img_s"]
+    assert row["int8_speedup_vs_float"] == pytest.approx(row["model_only_img_s"] / fastest, rel=1e-6)

@@ -23,7 +23,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
     cut = models.cut_parts(ctx.backbone, cfg.image_size)
     k = max(cfg.augment_views, 1)  # --augment-views: k activations per training image
     _check_memory(cut, len(split.train_files) * k + len(split.test_files))
-    eng = engine.make(cfg.engine, cut.bottom, cfg.precision, ctx.backbone.compute_dtype)
+    eng = engine.make(cfg.engine, cut.bottom, cfg.precision, ctx.backbone.compute_dtype, streams=cfg.engine_streams,
+                      threads=cfg.engine_threads)
     start = time.perf_counter()
     eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))  # trace before timing
     warm = time.perf_counter() - start
@@ -39,7 +40,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
     skipped = sorted(set(split.train_files) - set(train_a.files)) + sorted(set(split.test_files) - set(test_a.files))
     train._record_prep(ctx, 0.0, len(train_a.files), len(test_a.files), skipped, "RGB")  # decoded in the pass
     cut_pass = eng.setup_s + warm + train_a.seconds + train_a.shared_s
-    row.update(engine_setup_s=eng.setup_s, cut_pass_precision=eng.precision, cut_cache_layer=cut.name,
+    row.update(engine_setup_s=eng.setup_s, engine_settings=engine.settings_text(eng), cut_pass_precision=eng.precision,
+               cut_cache_layer=cut.name,
                cut_cache_shape="x".join(map(str, cut.shape)),
                cut_cache_dtype=str(train_a.features.dtype), feature_batch=cfg.feature_batch,
                cut_cache_mb=(train_a.features.nbytes + test_a.features.nbytes) / 2**20,

@@ -42,7 +42,8 @@ def _feature_engine(ctx: train.RunContext) -> tuple[engine.Engine, float]:
     if cfg.precision == "int8":
         eng = _int8_engine(ctx, fn)
     else:
-        eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype)
+        eng = engine.make(cfg.engine, fn, cfg.precision, ctx.backbone.compute_dtype, streams=cfg.engine_streams,
+                          threads=cfg.engine_threads)
     start = time.perf_counter()
     eng(np.zeros((cfg.feature_batch, cfg.image_size, cfg.image_size, 3), np.uint8))
     return eng, time.perf_counter() - start
@@ -74,7 +75,7 @@ def _int8_engine(ctx: train.RunContext, fn) -> engine.Engine:
     where = f"{len(held_out)} held-out training images"
     eng, cosine = quantize.checked_engine(q, fn, ctx.cache, least_cosine, cfg.int8_min_cosine, "features", where,
                                           "calibrate on more images (--calibration-images) or use --precision mixed "
-                                          "or fp32")
+                                          "or fp32", streams=cfg.engine_streams, threads=cfg.engine_threads)
     eng.setup_s += q.seconds
     ctx.row.update(quantize_s=q.seconds, quantized_reused=q.reused, calibration_files=len(calibrate),
                    feature_cosine_vs_fp32=cosine, feature_cosine_on=where, feature_check_s=sum(check_s))
@@ -202,7 +203,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
         train_f = pass_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
         test_f = pass_features(ctx, eng, split.test_files, split.test_labels, "test")
         precision, pass_rate = eng.precision, train_f.passed / train_f.seconds
-        row.update(engine_setup_s=eng.setup_s)
+        row.update(engine_setup_s=eng.setup_s, engine_settings=engine.settings_text(eng))
     skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
     # Decoding happens inside the feature pass: there is no separate preparation step.
     train._record_prep(ctx, 0.0, len(train_f.files), len(test_f.files), skipped, "RGB")
@@ -274,14 +275,31 @@ def _engine_rates(ctx: train.RunContext, eng: engine.Engine) -> tuple[float, flo
         fp32 = dataclasses.replace(ctx.backbone, layer=ctx.backbone.hub_layer)
         reference = engine.make("tf", models.feature_function(fp32, cfg.image_size))
         steps["tf_fp32"] = lambda: reference.run([(x, None)] * 4)
+    floats = _float_openvino(ctx) if eng.precision == "int8" else {}
+    steps.update({name: (lambda e=e: e.run([(x, None)] * 4)) for name, e in floats.items()})
     rates, warm, ratio = metrics.interleaved_rates(steps, 4 * cfg.feature_batch, rounds=3,
                                                    min_seconds=cfg.rate_seconds / 3)
+    if floats:  # int8 against the float routes of the same engine, measured in the same turns
+        fastest = max(floats, key=rates.get)
+        ctx.row.update({f"{name}_forward_img_s": rates[name] for name in floats})
+        ctx.row.update(int8_speedup_vs_float=rates["engine"] / rates[fastest], int8_fastest_float=fastest)
     if "tf_fp32" in steps and eng.name != "tf" and math.isnan(ctx.row.get("feature_cosine_vs_fp32", math.nan)):
         ctx.row["feature_cosine_vs_fp32"] = feature_cosine(ctx, eng, reference)  # not kept with reused features
     same = eng.name == "tf" and eng.precision == "float32"
     ctx.row.update(tf_fp32_forward_img_s=rates["engine"] if same else rates.get("tf_fp32", float("nan")),
                    engine_speedup_vs_tf_fp32=1.0 if same else ratio)
     return rates["engine"], warm["engine"]
+
+
+def _float_openvino(ctx: train.RunContext) -> dict:
+    """OpenVINO float32 and, where the CPU has it, bfloat16 on the backbone, with this run's
+    streams and threads: what int8's backbone rate is compared with."""
+    cfg = ctx.cfg
+    fn = models.feature_function(ctx.backbone, cfg.image_size)
+    model = engine.convert(fn)
+    precisions = {"openvino_fp32": "fp32"} | ({"openvino_bf16": "mixed"} if engine.cpu_has_bf16() else {})
+    return {name: engine.make("openvino", fn, p, model=model, streams=cfg.engine_streams, threads=cfg.engine_threads)
+            for name, p in precisions.items()}
 
 
 def feature_cosine(ctx: train.RunContext, eng: engine.Engine, reference: engine.Engine | None = None,
