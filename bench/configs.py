@@ -45,6 +45,9 @@ _ALL = [
     # The feature pass on OpenVINO (CPU only); bf16 only where the CPU has it natively, else a skipped row.
     RunConfig(name="featcache-ov", pipeline="featcache", engine="openvino"),
     RunConfig(name="featcache-ov-bf16", pipeline="featcache", engine="openvino", precision="mixed"),
+    # One stream on both cores: as fast on 2 cores, one stream's activations less (about 74 MB at full size).
+    RunConfig(name="featcache-ov-bf16-1s", pipeline="featcache", engine="openvino", precision="mixed",
+              engine_streams=1),
     # Each repeat quantizes (a stored model would make later repeats skip what the first paid for).
     RunConfig(name="featcache-ov-int8", pipeline="featcache", engine="openvino", precision="int8",
               reuse_quantized=False),
