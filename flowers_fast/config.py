@@ -141,13 +141,13 @@ class RunConfig:
     int8_min_cosine: float = knob(0.95, "--precision int8: the least feature cosine vs float32, on held-out training "
                                   "images, that a quantized model must keep; below it the run stops (a skipped row)",
                                   minimum=0.0, maximum=1.0, where=(TRAIN, SWEEP, PREDICT), group="model")
-    # Measured on the 2-core AMD EPYC (Zen 4), bf16, batch 16, full size: one stream held about 80 MB
-    # less than two at the same pass rate; one engine thread (the other core left to decoding)
-    # halved it.
+    # Measured on the 2-core AMD EPYC (Zen 4), bf16, batch 16, full size, 3 repeats: one stream held
+    # 74 MB less than two at the same total time; one engine thread (the other core left to decoding)
+    # halved the pass rate.
     engine_streams: int = knob(0, "OpenVINO: inference streams in the frozen pass and predict; 0 = its THROUGHPUT "
                                "hint's choice (2 on 2 cores, 1 thread each), 1 = one request on every thread (its "
-                               "LATENCY hint); each stream holds its own activations (about 40 MB per 16 images "
-                               "at bf16)", minimum=0, maximum=64, where=(TRAIN, SWEEP, PREDICT), group="model",
+                               "LATENCY hint); each stream holds its own activations (one stream instead of two: "
+                               "74 MB less at bf16, batch 16, on 2 cores)", minimum=0, maximum=64, where=(TRAIN, SWEEP, PREDICT), group="model",
                                metavar="N", tune=(0, 1), tune_when={"engine": ("openvino",)})
     engine_threads: int = knob(0, "OpenVINO: threads that run inference; 0 = every core; fewer leave the rest to "
                                "decoding (tf.data: --private-threads)", minimum=0, maximum=1024,
@@ -245,10 +245,7 @@ class RunConfig:
         if self.precision == "int8" and self.pipeline == "cutcache":
             raise UserError("--precision int8 quantizes featcache's whole frozen backbone; cutcache's pass to the cut "
                             "runs fp32 or mixed (bf16 on OpenVINO): use one of those, or --pipeline featcache")
-        if (self.engine_streams or self.engine_threads) and self.engine != "openvino":
-            flag = "--engine-streams" if self.engine_streams else "--engine-threads"
-            raise UserError(f"{flag} sets OpenVINO's CPU plugin; add --engine openvino, or drop {flag} (TensorFlow's "
-                            "threads: --onednn, --private-threads)")
+        check_openvino_settings(self.engine, self.engine_streams, self.engine_threads)
         if self.precision == "int8" and self.engine != "openvino":
             raise UserError("--precision int8 runs on OpenVINO after NNCF's quantization; add --engine openvino "
                             "(--pipeline featcache)")
@@ -339,6 +336,14 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def check_openvino_settings(engine: str, streams: int, threads: int) -> None:
+    """--engine-streams and --engine-threads set OpenVINO only (train's and predict's check)."""
+    if (streams or threads) and engine != "openvino":
+        flag = "--engine-streams" if streams else "--engine-threads"
+        raise UserError(f"{flag} sets OpenVINO's CPU plugin; add --engine openvino, or drop {flag} (TensorFlow's "
+                        "threads: --onednn, --private-threads)")
 
 
 def weights_label(handle: str) -> str:

@@ -12,8 +12,8 @@ OpenVINO runs with the THROUGHPUT hint (on 2 cores: 2 streams x 1 thread) and an
 ``AsyncInferQueue`` with as many requests as the plugin asks for, which keeps both streams busy
 and overlaps feeding with inference; ``--engine-streams 1`` runs one request on all threads (the
 LATENCY hint), which holds one stream's activations instead of two, and ``--engine-threads``
-caps the threads (the rest of the cores are left to decoding). Precision is asked with ``INFERENCE_PRECISION_HINT`` and
-read back from the executed graph, because the plugin silently runs float32 when bfloat16 is
+caps the threads (the rest of the cores are left to decoding). Precision is asked with
+``INFERENCE_PRECISION_HINT`` and read back from the executed graph, because the plugin silently runs float32 when bfloat16 is
 asked on a CPU without native bf16 (AVX512_BF16 or AMX). Measured on a 2-core AMD EPYC; see
 the README's results.
 """

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .clikit import add_knob_flags, given_knobs, positive_int
-from .config import HUB_CLASSIFIER, PREDICT, knobs
+from .config import HUB_CLASSIFIER, PREDICT, check_openvino_settings, knobs
 from .errors import DataError, ModelError, UserError, printable
 
 if TYPE_CHECKING:
@@ -263,9 +263,7 @@ def predict(images, checkpoint: str | None = None, model_handle: str = HUB_CLASS
 
     if engine == "tf" and precision in ("mixed", "int8"):
         raise UserError(f"--precision {precision}: predict runs reduced precision on --engine openvino")
-    if engine == "tf" and (engine_streams or engine_threads):
-        flag = "--engine-streams" if engine_streams else "--engine-threads"
-        raise UserError(f"{flag} sets OpenVINO's CPU plugin; add --engine openvino or drop {flag}")
+    check_openvino_settings(engine, engine_streams, engine_threads)
     calibration = None
     if precision == "int8":
         if not calibration_dir:

@@ -40,9 +40,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
     skipped = sorted(set(split.train_files) - set(train_a.files)) + sorted(set(split.test_files) - set(test_a.files))
     train._record_prep(ctx, 0.0, len(train_a.files), len(test_a.files), skipped, "RGB")  # decoded in the pass
     cut_pass = eng.setup_s + warm + train_a.seconds + train_a.shared_s
-    row.update(engine_setup_s=eng.setup_s, engine_settings=engine.settings_text(eng), cut_pass_precision=eng.precision,
-               cut_cache_layer=cut.name,
-               cut_cache_shape="x".join(map(str, cut.shape)),
+    row.update(engine_setup_s=eng.setup_s, engine_settings=engine.settings_text(eng),
+               cut_pass_precision=eng.precision, cut_cache_layer=cut.name, cut_cache_shape="x".join(map(str, cut.shape)),
                cut_cache_dtype=str(train_a.features.dtype), feature_batch=cfg.feature_batch,
                cut_cache_mb=(train_a.features.nbytes + test_a.features.nbytes) / 2**20,
                cut_pass_warmup_s=warm, cut_pass_s=train_a.seconds, test_cut_pass_s=test_a.seconds,
