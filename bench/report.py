@@ -33,7 +33,8 @@ from flowers_fast.outputs import Outputs, add_overwrite_flag, atomic_write
 
 from . import tracking
 from .plots import plot_names, write_plots
-from .results import DEFAULT_CSV, devices, formatted, groups, load, machine_label, medians, num, text, truthy, values
+from .results import (DEFAULT_CSV, ORDER, devices, formatted, groups, load, machine_label, medians, num, ordered, text,
+                      truthy, values)
 
 UNITS = "accuracy %, times s, throughput img/s, memory MB"
 
@@ -82,6 +83,7 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
                              f"({_shorten(row['failures'])})")
             elif row.get("n_skipped") and not row["n_ok"]:
                 notes.append(f"{name}: skipped on this machine ({_shorten(row['failures'])})")
+        notes += int8_notes(df[df["device"] == device])
         if "fine-tune phase s" in table.columns:
             notes.append("head phase s: the frozen-head epochs; fine-tune phase s: the epochs with the top of the "
                          "backbone trained (both within total s)")
@@ -94,6 +96,29 @@ def summarise(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
         table.attrs["notes"] = notes
         tables[device] = table
     return tables
+
+
+def int8_notes(rows: pd.DataFrame) -> list[str]:
+    """What int8 paid for its quantized model, per configuration: the seconds of total s spent
+    calibrating and quantizing, or that the model came from the store (a first run paid for it)."""
+    if "quantize_s" not in rows.columns:
+        return []
+    notes = []
+    ok = rows[(rows["status"] == "ok") & pd.to_numeric(rows["quantize_s"], errors="coerce").notna()]
+    for name in ordered(ok["name"], ORDER):
+        runs = ok[ok["name"] == name]
+        reused = runs["quantized_reused"].map(truthy) if "quantized_reused" in runs.columns else runs["name"] == ""
+        seconds = pd.to_numeric(runs["quantize_s"])
+        if reused.all():
+            notes.append(f"{name}: int8 model loaded from the store in {len(runs)} of {len(runs)} repeats "
+                         f"({seconds.median():.2f} s); quantizing it is a first run's cost")
+            continue
+        quantized = seconds[~reused]
+        note = (f"{name}: {quantized.median():.1f} s of total s calibrating and quantizing (NNCF)")
+        if reused.any():
+            note += f"; {int(reused.sum())} of {len(runs)} repeats loaded it from the store instead"
+        notes.append(note)
+    return notes
 
 
 def _span(lo, hi, digits: int | None = None) -> str:

@@ -350,3 +350,22 @@ def test_markdown_says_the_images_used_not_the_images_requested(tmp_path):
     assert bench_cli.main(["report", str(path), "--markdown", str(md)]) == 0
     data_line = next(line for line in md.read_text().splitlines() if line.startswith("| data |"))
     assert "21 images" in data_line and "15 train / 6 test" in data_line and "40" not in data_line
+
+
+def test_int8_notes_say_what_quantizing_cost_and_when_the_store_served():
+    from bench.report import int8_notes
+
+    def int8(name, repeat, seconds, reused):
+        r = row("featcache", "cpu", 0.9, 20 + seconds, 500, 1500, repeat=repeat)
+        return dict(r, name=name, quantize_s=seconds, quantized_reused=reused)
+
+    df = pd.DataFrame([int8("featcache-ov-int8", 0, 10.0, False), int8("featcache-ov-int8", 1, 12.0, False),
+                       int8("featcache-ov-int8-stored", 0, 11.0, False),
+                       int8("featcache-ov-int8-stored", 1, 0.05, True), row("featcache", "cpu", 0.9, 20, 500, 1500)])
+    notes = int8_notes(df)
+    assert notes[0] == "featcache-ov-int8: 11.0 s of total s calibrating and quantizing (NNCF)"
+    assert notes[1].startswith("featcache-ov-int8-stored: 11.0 s")
+    assert "1 of 2 repeats loaded it from the store" in notes[1]
+    stored = int8_notes(df[(df["name"] != "featcache-ov-int8-stored") | (df["repeat"] == 1)])
+    assert "int8 model loaded from the store in 1 of 1 repeats (0.05 s)" in stored[1]
+    assert int8_notes(df[df["name"] == "featcache"]) == [] and int8_notes(df.drop(columns="quantize_s")) == []
