@@ -34,7 +34,7 @@ from matplotlib.patches import Patch
 from flowers_fast.errors import UserError
 from flowers_fast.figures import save_figure
 
-from .results import DEVICE_ORDER, ORDER, median_runs, medians, normalise, ordered, values
+from .results import DEVICE_ORDER, ORDER, int_text, median_runs, medians, normalise, ordered, values
 
 PARTS = (("prep", "data preparation", "#8172B2"), ("feature", "frozen pass, once (featcache: backbone; cutcache: bottom to the cut, and top)", "#64B5CD"),
          ("first", "epoch 1 (tracing, cache fill)", "#DD8452"), ("later", "epochs 2..N", "#4C72B0"),
@@ -88,7 +88,16 @@ def _subtitle(df: pd.DataFrame) -> str:
         return v.replace(".0", "") if v.endswith(".0") else v
     return (f"data {values(ok, 'dataset')} ({one('train_images')} train / {one('test_images')} test images, "
             f"{one('image_size')} px), weights {values(ok, 'weights')}, {one('epochs')} epochs, "
-            f"batch {one('batch_size')}, TF {values(ok, 'tf_version')}")
+            f"batch {one('batch_size')}, TF {values(ok, 'tf_version')}" + _cpu_line(ok))
+
+
+def _cpu_line(rows: pd.DataFrame) -> str:
+    """The CPU and its ISA flags (machine facts), on a line of its own: the same configuration
+    runs at very different rates with and without AVX-512 BF16 or AMX."""
+    isa = values(rows, "cpu_isa")
+    if isa == "?":
+        return ""
+    return f"\nCPU {values(rows, 'cpu_brand')}, {int_text(values(rows, 'cpu_logical_cores'))} cores: {isa}"
 
 
 def _span_over_10x(values_) -> bool:

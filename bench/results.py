@@ -31,8 +31,8 @@ REQUIRED = ("name", "device", "status", "test_accuracy", "steady_epoch_s", "tota
 METRICS = ("test_accuracy", "test_loss", "data_prep_s", "first_epoch_s", "steady_epoch_s", "steady_epoch_min_s",
            "steady_epoch_max_s", "total_s", "train_img_s", "end_to_end_img_s", "eval_img_s", "input_only_img_s",
            "model_only_img_s", "e2e_fraction_of_model", "peak_rss_mb", "peak_gpu_mb", "feature_pass_s",
-           "feature_pass_warmup_s", "feature_pass_img_s", "train_s", "subprocess_s", "engine_setup_s",
-           "tf_fp32_forward_img_s", "engine_speedup_vs_tf_fp32", "model_flops_utilization",
+           "feature_pass_warmup_s", "feature_pass_first_batch_s", "feature_pass_img_s", "train_s", "subprocess_s",
+           "engine_setup_s", "tf_fp32_forward_img_s", "engine_speedup_vs_tf_fp32", "model_flops_utilization",
            "feature_pass_flops_utilization", "feature_pass_bound_img_s", "feature_pass_shared_cores_img_s",
            "feature_pass_bound_fraction", "head_phase_s", "fine_tune_phase_s")
 # Metrics where a larger value is better (the others: smaller is better).
@@ -264,10 +264,10 @@ def machine_label(rows: pd.DataFrame) -> str:
     brand, cores, ram = values(rows, "cpu_brand"), values(rows, "cpu_logical_cores"), values(rows, "ram_gb")
     gpus = values(rows, "gpu_names")
     gpu = f", GPU {gpus}" if gpus not in ("?", "none") and not gpus.startswith("none") else ""
-    return f"machine {mid} ({brand}, {_int_text(cores)} logical cores, {ram} GB RAM{gpu})"
+    return f"machine {mid} ({brand}, {int_text(cores)} logical cores, {ram} GB RAM{gpu})"
 
 
-def _int_text(value: str) -> str:
+def int_text(value: str) -> str:
     try:
         return str(int(float(value)))
     except ValueError:

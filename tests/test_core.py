@@ -273,3 +273,21 @@ def test_feature_pass_bound_names_the_slower_stage_and_what_limits_the_pass(rate
     assert out["feature_pass_bound_fraction"] == pytest.approx(fraction, abs=0.005)
     assert out["feature_pass_shared_cores_img_s"] == pytest.approx(1 / (1 / rates[1] + 1 / rates[2]))
     assert out["feature_pass_limit"].startswith(limit) and bool(out["feature_pass_limit"]) == bool(limit)
+
+
+def test_input_only_rate_leaves_out_the_first_batch():
+    import time
+
+    import tensorflow as tf
+
+    from flowers_fast import metrics
+
+    def slow_first():
+        for i in range(5):
+            if i == 0:
+                time.sleep(0.5)  # the iterator's start-up
+            yield np.zeros((10, 2), np.float32)
+
+    ds = tf.data.Dataset.from_generator(slow_first, output_signature=tf.TensorSpec((10, 2), tf.float32))
+    assert metrics.input_only_rate(ds, 10) > 40 / 0.5  # 40 images after the first, in far less than 0.5 s
+    assert metrics.input_only_rate(ds.take(1), 10) < 10 / 0.5  # one batch: its start-up counts

@@ -88,6 +88,7 @@ def test_featcache_streams_counts_skips_and_keeps_labels_aligned(on_tf):
     assert row["train_images"] + row["test_images"] == 17
     assert row["feature_pass_s"] > 0 and row["feature_pass_img_s"] > 0 and row["feature_pass_warmup_s"] > 0
     assert row["total_s"] >= row["feature_pass_s"] + row["train_s"]
+    assert 0 < row["feature_pass_first_batch_s"] < row["feature_pass_s"]  # the stream's start-up, apart
     assert row["engine_setup_s"] == 0 and row["compute_dtype"] == "float32"
     assert not row["features_reused"] and row["features_key"] == ""  # nothing stored unless asked
     # Predictions line up with their files: each test file's label is its class folder.
@@ -241,3 +242,14 @@ def test_gpu_check_judges_the_feature_stream_against_its_slower_stage(stream, ve
                                               input_only_img_s=1000.0)]))
     (label, ok, detail), = [c for c in gpu_check.checks(df, "gpu") if c[0].startswith("featcache: streamed")]
     assert ok == (verdict == "PASS") and "vs 1000 img/s" in detail
+
+
+def test_pass_rate_leaves_out_the_streams_start_up():
+    from flowers_fast.runners.featcache import Features
+
+    empty = np.zeros((0, 4), np.float32)
+    # 100 images in 3 s, of which 1 s until the first batch of 10 was decoded: 90 images in 2 s.
+    assert Features(empty, empty, (), 3.0, passed=100, first_s=1.0, first_images=10).steady_rate() == 45.0
+    # One batch (or no start-up measured): the whole pass.
+    assert Features(empty, empty, (), 2.0, passed=10, first_s=1.0, first_images=10).steady_rate() == 5.0
+    assert Features(empty, empty, (), 2.0, passed=10).steady_rate() == 5.0

@@ -369,3 +369,12 @@ def test_int8_notes_say_what_quantizing_cost_and_when_the_store_served():
     stored = int8_notes(df[(df["name"] != "featcache-ov-int8-stored") | (df["repeat"] == 1)])
     assert "int8 model loaded from the store in 1 of 1 repeats (0.05 s)" in stored[1]
     assert int8_notes(df[df["name"] == "featcache"]) == [] and int8_notes(df.drop(columns="quantize_s")) == []
+
+
+def test_plot_subtitles_name_the_cpu_and_its_isa_flags():
+    from bench.plots import _subtitle
+
+    rows = pd.DataFrame([dict(row("tfdata", "cpu", 0.9, 50, 200, 2000), cpu_brand="AMD EPYC", cpu_logical_cores="2.0",
+                              cpu_isa="avx2 fma avx512f avx512_vnni avx512_bf16")])
+    assert _subtitle(rows).splitlines()[-1] == "CPU AMD EPYC, 2 cores: avx2 fma avx512f avx512_vnni avx512_bf16"
+    assert "CPU" not in _subtitle(rows.drop(columns="cpu_isa"))  # rows from before machine facts

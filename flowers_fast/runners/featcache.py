@@ -28,6 +28,15 @@ class Features:
     seconds: float  # this task's pass
     passed: int = -1  # images this task ran through the pass (-1: all of ``files``)
     shared_s: float = 0.0  # --strategy multiworker: sharing the tasks' shards, after this task's pass
+    first_s: float = 0.0  # of ``seconds``, until the stream's first batch was decoded (tf.data's start-up)
+    first_images: int = 0  # images in that batch
+
+    def steady_rate(self) -> float:
+        """Images/s after the first batch: the stream's start-up is timed apart, as warm-up is
+        (the whole pass when it is only one batch)."""
+        if self.passed > self.first_images and self.seconds > self.first_s:
+            return (self.passed - self.first_images) / (self.seconds - self.first_s)
+        return self.passed / max(self.seconds, 1e-9)
 
     def __post_init__(self):
         if self.passed < 0:
@@ -97,10 +106,17 @@ def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, pa
         member = cluster.current() if cfg.strategy == "multiworker" else None
         stream = distribute.maybe_data_service(stream, cfg, f"{part}-pass" + (f"-{member.rank}" if member else ""))
     steps = -(-len(files) * k // cfg.feature_batch)
-    batches = ((images, (y.numpy(), paths.numpy())) for images, y, paths in
-               tqdm(stream, desc=f"{part}: features", total=steps, unit="batch", disable=not ctx.progress, leave=False))
+    first = []  # (seconds until the first batch was decoded, its images)
+
+    def batches():
+        for images, y, paths in tqdm(stream, desc=f"{part}: features", total=steps, unit="batch",
+                                     disable=not ctx.progress, leave=False):
+            if not first:
+                first.append((time.perf_counter() - start, len(y)))
+            yield images, (y.numpy(), paths.numpy())
+
     start = time.perf_counter()
-    out = eng.run(batches)
+    out = eng.run(batches())
     seconds = time.perf_counter() - start
     kept = tuple(pipeline.path_str(p) for _, (_, paths) in out for p in paths)[::k]  # a file's views are in a row
     if check:
@@ -113,7 +129,9 @@ def stream_features(ctx: train.RunContext, eng: engine.Engine, files, labels, pa
     # In the files' order (the tf.data service's workers hand batches back in any order).
     where = {f: i for i, f in enumerate(files)}
     order = np.argsort([where[f] for f in kept], kind="stable")
-    return Features(feats[order], y[order], tuple(kept[i] for i in order), seconds, passed=len(kept) * k)
+    first_s, first_images = first[0] if first else (0.0, 0)
+    return Features(feats[order], y[order], tuple(kept[i] for i in order), seconds, passed=len(kept) * k,
+                    first_s=first_s, first_images=first_images)
 
 
 def pass_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part: str,
@@ -153,7 +171,8 @@ def pass_features(ctx: train.RunContext, eng: engine.Engine, files, labels, part
     pipeline.undecodable(files, got, cfg.strict, part)  # on the whole part, the same on every task
     print(f"flowers_fast: {member.label}: {part} features of {len(got)} images shared in {shared_s:.1f} s",
           file=sys.stderr, flush=True)
-    return Features(rows, labels[where].astype(np.int32), got, own.seconds, passed=own.passed, shared_s=shared_s)
+    return Features(rows, labels[where].astype(np.int32), got, own.seconds, passed=own.passed, shared_s=shared_s,
+                    first_s=own.first_s, first_images=own.first_images)
 
 
 def agree(ctx: train.RunContext, flag: bool) -> bool:
@@ -202,7 +221,7 @@ def run(ctx: train.RunContext) -> train.RunResult:
         eng, warm = _feature_engine(ctx)
         train_f = pass_features(ctx, eng, split.train_files, split.train_labels, "train", views=views)
         test_f = pass_features(ctx, eng, split.test_files, split.test_labels, "test")
-        precision, pass_rate = eng.precision, train_f.passed / train_f.seconds
+        precision, pass_rate = eng.precision, train_f.steady_rate()
         row.update(engine_setup_s=eng.setup_s, engine_settings=engine.settings_text(eng))
     skipped = sorted(set(split.train_files) - set(train_f.files)) + sorted(set(split.test_files) - set(test_f.files))
     # Decoding happens inside the feature pass: there is no separate preparation step.
@@ -212,7 +231,8 @@ def run(ctx: train.RunContext) -> train.RunResult:
     row.update(compute_dtype=precision, feature_batch=cfg.feature_batch, feature_pass_warmup_s=warm,
                feature_pass_s=train_f.seconds, feature_pass_images=passed[0], test_feature_pass_images=passed[1],
                feature_share_s=train_f.shared_s, test_feature_share_s=test_f.shared_s,
-               feature_pass_img_s=pass_rate, test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
+               feature_pass_img_s=pass_rate, feature_pass_first_batch_s=train_f.first_s,
+               test_feature_pass_s=test_f.seconds, features_reused=stored is not None,
                features_key=digest, feature_cache_mb=(train_f.features.nbytes + test_f.features.nbytes) / 2**20)
     train_ds, test_ds = pipeline.feature_datasets(train_f.features, train_f.labels, test_f.features, test_f.labels,
                                                   cfg, ctx.global_batch, cfg.augment_views)
