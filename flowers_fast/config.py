@@ -176,6 +176,11 @@ class RunConfig:
                             where=(TRAIN,), group="input pipeline", tune=(False, True))
     deterministic: bool = knob(False, "deterministic tf.data order for training (off is faster)",
                                group="input pipeline")
+    stream_autotune: bool = knob(False, "featcache/cutcache's one-time stream: let tf.data's autotuner set the "
+                                 "decode's parallelism (off: one decode per core; on a 2-core AMD EPYC autotuning "
+                                 "halved the TensorFlow float32 pass in 7 of 16 passes, where decode and backbone "
+                                 "share the cores)", group="input pipeline", tune=(False, True),
+                                 tune_when={"pipeline": ("featcache", "cutcache")})
     private_threads: int = knob(0, "tf.data private thread pool size (0 = TensorFlow's shared pool)", minimum=0,
                                 group="input pipeline", tune=(0, 1, 2, 4))
     onednn: str = knob("auto", "TensorFlow's oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS, set before TensorFlow loads): "

@@ -194,9 +194,10 @@ def undecodable(files, seen, strict: bool, part: str) -> list[str]:
     return skipped
 
 
-def options(cfg: RunConfig, training: bool) -> "tf.data.Options":
+def options(cfg: RunConfig, training: bool, autotune: bool = True) -> "tf.data.Options":
+    """``autotune=False``: AUTOTUNE parallelism runs at one call per core, without the autotuner."""
     opts = tf.data.Options()
-    opts.autotune.enabled = True
+    opts.autotune.enabled = autotune
     if training:
         opts.deterministic = cfg.deterministic
     if cfg.private_threads:
@@ -255,7 +256,9 @@ def feature_stream(files, labels, cfg: RunConfig, batch_size: int, augment=None)
         ds = _views(ds, augment, cfg.augment_views)
     # Two batches ahead keep the backbone fed (decoding is several times faster on a CPU) and put a
     # fixed bound on what waits in memory.
-    return ds.batch(batch_size).prefetch(2).with_options(options(cfg, training=False))
+    # Without the autotuner by default (--stream-autotune): while the backbone held both cores, its
+    # tuning left the pass in a mode at half the rate, in some passes and not others.
+    return ds.batch(batch_size).prefetch(2).with_options(options(cfg, training=False, autotune=cfg.stream_autotune))
 
 
 def _views(ds, augment, views: int, batch: int = 16) -> "tf.data.Dataset":

@@ -291,3 +291,12 @@ def test_input_only_rate_leaves_out_the_first_batch():
     ds = tf.data.Dataset.from_generator(slow_first, output_signature=tf.TensorSpec((10, 2), tf.float32))
     assert metrics.input_only_rate(ds, 10) > 40 / 0.5  # 40 images after the first, in far less than 0.5 s
     assert metrics.input_only_rate(ds.take(1), 10) < 10 / 0.5  # one batch: its start-up counts
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_feature_stream_runs_without_the_autotuner_unless_asked(autotune):
+    cfg = RunConfig(pipeline="featcache", stream_autotune=autotune)
+    stream = pipeline.feature_stream(["a/x.jpg", "b/y.jpg"], np.zeros(2, np.int32), cfg, 2)
+    assert stream.options().autotune.enabled is autotune
+    # The training pipeline keeps its autotuner either way.
+    assert pipeline.options(cfg, training=True).autotune.enabled
