@@ -185,6 +185,15 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_loopback, num_images=320, image_size=96, epochs=5, breakdown=False)
 
 
+def data_text(given: dict) -> str:
+    """What the run trains on, for its first line: --num-images sizes only the synthetic set."""
+    if given.get("data_dir"):
+        return f"the images in {given['data_dir']}"
+    if given.get("dataset", "synthetic") != "synthetic":
+        return f"the {given['dataset']} set"
+    return f"{given.get('num_images')} synthetic images"
+
+
 def cmd_loopback(args) -> int:
     given = given_knobs(args, TRAIN)
     for f in knobs(TRAIN):
@@ -195,7 +204,7 @@ def cmd_loopback(args) -> int:
         for name in files(args.workers) if args.logs else []:
             outputs.file(logdir / name, "--logs", fix="pass another folder")
         print(f"loopback: {args.workers} workers on 127.0.0.1, then one process at the same global batch; "
-              f"{given.get('num_images')} images at {given.get('image_size')} px, {given.get('epochs')} epochs",
+              f"{data_text(given)} at {given.get('image_size')} px, {given.get('epochs')} epochs",
               file=sys.stderr, flush=True)
         rows = run(given, args.workers, logdir, args.timeout)
     print(report(rows, args.workers))

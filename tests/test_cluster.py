@@ -539,3 +539,9 @@ def test_bench_run_on_every_slurm_task_chief_writes_the_csv(small_model, tmp_pat
     theirs = pd.read_csv(other)
     assert theirs.loc[0, "cluster_task"] == "worker 1" and theirs.loc[0, "test_loss"] == rows.loc[0, "test_loss"]
     assert "the chief (worker 0) writes" in (tmp_path / "bench1.log").read_text()
+
+
+def test_loopback_names_the_data_it_trains_on():
+    assert loopback.data_text({"num_images": 320}) == "320 synthetic images"
+    assert loopback.data_text({"num_images": 320, "data_dir": "photos"}) == "the images in photos"
+    assert loopback.data_text({"num_images": 320, "dataset": "tfds"}) == "the tfds set"
