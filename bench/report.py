@@ -107,7 +107,8 @@ def int8_notes(rows: pd.DataFrame) -> list[str]:
     ok = rows[(rows["status"] == "ok") & pd.to_numeric(rows["quantize_s"], errors="coerce").notna()]
     for name in ordered(ok["name"], ORDER):
         runs = ok[ok["name"] == name]
-        reused = runs["quantized_reused"].map(truthy) if "quantized_reused" in runs.columns else runs["name"] == ""
+        reused = (runs["quantized_reused"].map(truthy) if "quantized_reused" in runs.columns
+                  else pd.Series(False, index=runs.index))
         seconds = pd.to_numeric(runs["quantize_s"])
         if reused.all():
             notes.append(f"{name}: int8 model loaded from the store in {len(runs)} of {len(runs)} repeats "

@@ -444,12 +444,10 @@ def write_plot(rows: list[dict], finalists: list[str], medians: dict, path: Path
     # What it was measured on, as bench run's plots say it: data, weights, CPU and its ISA flags.
     frame = pd.DataFrame(rows)
     ok_rows = frame[frame.get("status", pd.Series(dtype=str)) == "ok"] if "status" in frame else frame
-    data = plots._subtitle(frame) if {"status", "pipeline"} <= set(frame.columns) else ""  # its last line: the CPU
-    if "\nCPU " not in data:
-        where = " | ".join(values(ok_rows, c) for c in ("device", "cpu_brand") if c in ok_rows)
-        if "cpu_isa" in ok_rows:
-            where += f" | ISA: {values(ok_rows, 'cpu_isa')}"
-        data += "\n" + where
+    cpu = plots._cpu_line(ok_rows)  # the subtitle's last line, where the rows have the machine facts
+    data = plots._subtitle(frame) if {"status", "pipeline"} <= set(frame.columns) else cpu.lstrip("\n")
+    if not cpu:  # rows without the CPU's ISA: what they say of the device
+        data += "\n" + " | ".join(values(ok_rows, c) for c in ("device", "cpu_brand") if c in ok_rows)
     lines = [line for part in data.split("\n") for line in textwrap.wrap(part, 100)]
     ax.set_title("\n".join(["bench tune: best so far", *lines]), fontsize=9)
     ax.grid(alpha=0.3)

@@ -147,7 +147,8 @@ class RunConfig:
     engine_streams: int = knob(0, "OpenVINO: inference streams in the frozen pass and predict; 0 = its THROUGHPUT "
                                "hint's choice (2 on 2 cores, 1 thread each), 1 = one request on every thread (its "
                                "LATENCY hint); each stream holds its own activations (one stream instead of two: "
-                               "74 MB less at bf16, batch 16, on 2 cores)", minimum=0, maximum=64, where=(TRAIN, SWEEP, PREDICT), group="model",
+                               "74 MB less at bf16, batch 16, on 2 cores)", minimum=0, maximum=64,
+                               where=(TRAIN, SWEEP, PREDICT), group="model",
                                metavar="N", tune=(0, 1), tune_when={"engine": ("openvino",)})
     engine_threads: int = knob(0, "OpenVINO: threads that run inference; 0 = every core; fewer leave the rest to "
                                "decoding (tf.data: --private-threads)", minimum=0, maximum=1024,

@@ -91,20 +91,24 @@ def interleaved_rates(steps: dict, items_per_call: int, rounds: int = 3,
     return medians, warm, ratio
 
 
+def rate_after_first(images: int, seconds: float, first_images: int, first_s: float) -> float:
+    """Images/s of a stream after its first batch (``first_images`` ready after ``first_s`` of the
+    ``seconds``): its start-up is timed apart, as warm-up is. Over the whole stream when it is only
+    one batch."""
+    if images > first_images and seconds > first_s:
+        return (images - first_images) / (seconds - first_s)
+    return images / max(seconds, 1e-9)
+
+
 def input_only_rate(dataset, batch_size: int) -> float:
     """Images/s of iterating a dataset once with no model (call after the cache is filled), after
-    its first batch (the iterator's start-up, as featcache's pass rate leaves it out); over every
-    batch when there is only one."""
-    n, first, t0 = 0, 0, time.perf_counter()
-    start = t0
+    its first batch (rate_after_first, as featcache's pass rate)."""
+    n, first, first_s, start = 0, 0, 0.0, time.perf_counter()
     for batch in dataset:
-        if not first:
-            first, start = int(tf.shape(batch[0])[0]), time.perf_counter()
-            continue
         n += int(tf.shape(batch[0])[0])
-    if not n:  # one batch: its start-up included
-        return first / max(time.perf_counter() - t0, 1e-9)
-    return n / max(time.perf_counter() - start, 1e-9)
+        if not first:
+            first, first_s = n, time.perf_counter() - start
+    return rate_after_first(n, time.perf_counter() - start, first, first_s)
 
 
 def pass_bound(pass_rate: float, input_rate: float, backbone_rate: float, cores: int) -> dict:

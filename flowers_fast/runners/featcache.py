@@ -32,11 +32,8 @@ class Features:
     first_images: int = 0  # images in that batch
 
     def steady_rate(self) -> float:
-        """Images/s after the first batch: the stream's start-up is timed apart, as warm-up is
-        (the whole pass when it is only one batch)."""
-        if self.passed > self.first_images and self.seconds > self.first_s:
-            return (self.passed - self.first_images) / (self.seconds - self.first_s)
-        return self.passed / max(self.seconds, 1e-9)
+        """Images/s after the first batch (metrics.rate_after_first)."""
+        return metrics.rate_after_first(self.passed, self.seconds, self.first_images, self.first_s)
 
     def __post_init__(self):
         if self.passed < 0:
